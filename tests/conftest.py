@@ -1,0 +1,100 @@
+"""Shared test fixtures: no network, fake Omniglot zips, and a fake data/omniglot.npy.
+
+Tests never touch the real data (except the one real-data test, which reads ../shared/omniglot)
+and never write into the repository: everything goes to pytest's tmp_path.
+"""
+
+import io
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+import preprocess_omniglot
+
+# The fake zips: a few alphabets, listed out of order in the zip so that tests see the sorting.
+# {alphabet: number of characters}
+FAKE_BACKGROUND = {"Zulu_Script": 2, "Alpha_Script": 1, "Mid_Script": 2}  # 5 characters
+FAKE_EVALUATION = {"Omega_Script": 1, "Beta_Script": 2}  # 3 characters
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any attempt to open a URL fails as if offline."""
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("network disabled in tests")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+
+
+def random_strokes_png(rng):
+    """A 105x105 mode "1" PNG, black strokes on white, like an Omniglot drawing."""
+    image = Image.new("1", (105, 105), color=1)
+    pen = ImageDraw.Draw(image)
+    for _ in range(3):
+        pen.line([tuple(point) for point in rng.integers(5, 100, size=(4, 2))], fill=0, width=3)
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    return png.getvalue()
+
+
+@pytest.fixture
+def write_fake_zip():
+    """write_fake_zip(path, folder, characters_per_alphabet, drawings=20) writes a zip in the
+    official layout <folder>/<Alphabet>/characterNN/NNNN_NN.png with random strokes, entries in
+    reverse order (so nothing can rely on the listing order). Returns the path."""
+
+    def write(path, folder, characters_per_alphabet, drawings=20):
+        rng = np.random.default_rng(len(folder))
+        entries = []
+        for alphabet, character_count in characters_per_alphabet.items():
+            for character in range(1, character_count + 1):
+                for drawing in range(1, drawings + 1):
+                    name = f"{folder}/{alphabet}/character{character:02d}/{character:04d}_{drawing:02d}.png"
+                    entries.append((name, random_strokes_png(rng)))
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for name, data in reversed(entries):
+                archive.writestr(name, data)
+        return Path(path)
+
+    return write
+
+
+@pytest.fixture
+def fake_zips(tmp_path, monkeypatch, write_fake_zip):
+    """A folder with a small images_background.zip and images_evaluation.zip (5 + 3 characters),
+    and preprocess_omniglot told to expect those counts. Returns the folder."""
+    zips_dir = tmp_path / "zips"
+    zips_dir.mkdir()
+    write_fake_zip(zips_dir / "images_background.zip", "images_background", FAKE_BACKGROUND)
+    write_fake_zip(zips_dir / "images_evaluation.zip", "images_evaluation", FAKE_EVALUATION)
+    background, evaluation = preprocess_omniglot.ZIPS
+    monkeypatch.setattr(preprocess_omniglot, "ZIPS", (
+        preprocess_omniglot.ZipSpec(background.folder, len(FAKE_BACKGROUND), sum(FAKE_BACKGROUND.values()),
+                                    background.md5),
+        preprocess_omniglot.ZipSpec(evaluation.folder, len(FAKE_EVALUATION), sum(FAKE_EVALUATION.values()),
+                                    evaluation.md5),
+    ))
+    return zips_dir
+
+
+@pytest.fixture(scope="session")
+def fake_omniglot_npy(tmp_path_factory):
+    """A data/omniglot.npy-like file, shape (1623, 20, 1, 28, 28) float32, whose images say who
+    they are: the centre 2x2 block holds the class id and the four corners the drawing id (both
+    unchanged by any rotation), and pixel (0, 1) is -1, which shows how the image was rotated.
+    Returns the path."""
+    classes, drawings = np.meshgrid(np.arange(1623), np.arange(20), indexing="ij")  # [1623, 20] each
+    omniglot = np.zeros((1623, 20, 1, 28, 28), dtype=np.float32)
+    omniglot[:, :, 0, 13:15, 13:15] = classes[..., None, None]
+    for row, column in ((0, 0), (0, 27), (27, 0), (27, 27)):
+        omniglot[:, :, 0, row, column] = drawings
+    omniglot[:, :, 0, 0, 1] = -1
+    path = tmp_path_factory.mktemp("data") / "omniglot.npy"
+    np.save(path, omniglot)
+    return path
