@@ -1,0 +1,120 @@
+"""MetaLearner: second-order MAML (Finn, Abbeel, Levine 2017) on a batch of few-shot tasks.
+
+Each task Tᵢ brings a support set (N classes x K drawings, labelled 0..N-1) and a query set of other
+drawings of the same classes. MAML looks for initial weights θ from which a few gradient steps on the
+support set already classify the query set well:
+
+    inner loop, per task:   θ'ᵢ ← θ'ᵢ − α ∇ L_support,i(θ'ᵢ),  starting from θ'ᵢ = θ, `update_step` times
+    outer loop (meta step): θ ← θ − β ∇θ Σᵢ L_query,i(θ'ᵢ(θ))   (with Adam instead of plain SGD)
+
+The outer gradient flows through the inner updates. With one inner step,
+∇θ L_query(θ') = (I − α ∇²L_support(θ)) ∇L_query(θ'): it contains the Hessian of the support loss.
+That is second-order MAML, and it needs the inner gradients to stay in the autograd graph
+(`create_graph=True`). With `first_order=True` (FOMAML) the inner gradients are treated as constants,
+the Hessian term drops out and the outer gradient is simply ∇L_query evaluated at θ'ᵢ.
+
+Inner-loss scaling, as in the reference code (cbfinn/maml): the support loss of a task is the
+per-example cross-entropy divided by K, summed over the N*K support examples. That is N times the mean
+cross-entropy, so its gradient is N times the gradient of the mean. The paper's α = 0.4 for 5-way and
+α = 0.1 for 20-way therefore both mean a step of 2.0 on the mean cross-entropy. The outer loss is the
+plain mean cross-entropy over the query examples of all tasks; the reference sums it like the inner
+loss, but a constant factor on the meta-gradient does not change Adam's steps.
+
+All tasks of a meta-batch run at once: BaseNet takes a batch of tasks with per-task fast weights (see
+learner.py), and one `autograd.grad` of the summed support losses gives every task its own gradient,
+because task i's loss depends only on task i's fast weights.
+"""
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from learner import BaseNet
+
+
+def accuracy_per_task(logits, labels):
+    """Fraction of correct predictions per task: logits [T, n, N], labels [T, n] -> [T]."""
+    return (logits.argmax(dim=-1) == labels).float().mean(dim=1)
+
+
+class MetaLearner(nn.Module):
+    """Holds the meta-parameters θ (a BaseNet) and the Adam meta-optimizer."""
+
+    def __init__(self, n_way, k_shot, update_lr, meta_lr, update_step, update_step_test, first_order=False):
+        super().__init__()
+        self.n_way = n_way
+        self.k_shot = k_shot
+        self.update_lr = update_lr
+        self.update_step = update_step
+        self.update_step_test = update_step_test
+        self.first_order = first_order
+        self.net = BaseNet(n_way)
+        self.meta_optim = torch.optim.Adam(self.net.parameters(), lr=meta_lr)
+
+    def support_loss(self, logits, labels):
+        """Inner loss per task: Σ over the support examples of cross-entropy / K. [T, n, N], [T, n] -> [T]."""
+        per_example = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+        return per_example.view(labels.shape).sum(dim=1) / self.k_shot
+
+    def adapt(self, x_spt, y_spt, steps, params, create_graph):
+        """Yield the fast weights of every task after 0, 1, ..., `steps` inner steps.
+
+        x_spt [T, N*K, 1, 28, 28], y_spt [T, N*K]. `params` is θ (shared by all tasks). Each yielded
+        list holds tensors with a leading task dimension: [T, *shape of the parameter].
+        With create_graph=True the inner gradients stay differentiable (second order).
+        """
+        tasks = x_spt.shape[0]
+        fast_weights = [p.expand(tasks, *p.shape) for p in params]
+        yield fast_weights
+        for _ in range(steps):
+            loss = self.support_loss(self.net(x_spt, fast_weights), y_spt).sum()
+            grads = torch.autograd.grad(loss, fast_weights, create_graph=create_graph)
+            fast_weights = [w - self.update_lr * g for w, g in zip(fast_weights, grads)]
+            yield fast_weights
+
+    def meta_loss(self, x_spt, y_spt, x_qry, y_qry):
+        """Outer loss of a batch of tasks and the query accuracy after 0..update_step inner steps.
+
+        x_spt [T, N*K, 1, 28, 28], y_spt [T, N*K], x_qry [T, N*Q, 1, 28, 28], y_qry [T, N*Q].
+        Returns (loss, accs): loss is the differentiable mean query cross-entropy after `update_step`
+        steps, averaged over tasks; accs a numpy array of update_step + 1 accuracies.
+        """
+        accs = []
+        steps = self.adapt(x_spt, y_spt, self.update_step, self.net.parameters(), create_graph=not self.first_order)
+        for step, fast_weights in enumerate(steps):
+            if step < self.update_step:
+                with torch.no_grad():  # intermediate steps: accuracy only, no graph
+                    accs.append(accuracy_per_task(self.net(x_qry, fast_weights), y_qry).mean())
+            else:
+                logits = self.net(x_qry, fast_weights)  # [T, N*Q, N]
+                loss = F.cross_entropy(logits.flatten(0, 1), y_qry.flatten())
+                accs.append(accuracy_per_task(logits.detach(), y_qry).mean())
+        return loss, torch.stack(accs).cpu().numpy()
+
+    def forward(self, x_spt, y_spt, x_qry, y_qry):
+        """One meta-training step on a batch of tasks. Returns (accs, loss): numpy [update_step + 1], float."""
+        self.meta_optim.zero_grad(set_to_none=True)
+        loss, accs = self.meta_loss(x_spt, y_spt, x_qry, y_qry)
+        loss.backward()
+        self.meta_optim.step()
+        return accs, loss.item()
+
+    def finetunning(self, x_spt, y_spt, x_qry, y_qry, per_task=False):
+        """Adapt to test tasks for `update_step_test` steps and measure the query accuracy at each step.
+
+        Takes one task (x [n, 1, 28, 28]) or a batch (x [T, n, 1, 28, 28]). The meta-parameters are
+        never changed: the adaptation starts from a detached copy of θ and is first order, since
+        nothing differentiates through it. Returns numpy [update_step_test + 1] averaged over the tasks,
+        or [T, update_step_test + 1] with per_task=True.
+        """
+        if x_spt.dim() == 4:
+            x_spt, y_spt, x_qry, y_qry = x_spt[None], y_spt[None], x_qry[None], y_qry[None]
+        theta = [p.detach().requires_grad_() for p in self.net.parameters()]
+        accs = []
+        with torch.enable_grad():
+            for fast_weights in self.adapt(x_spt, y_spt, self.update_step_test, theta, create_graph=False):
+                with torch.no_grad():
+                    accs.append(accuracy_per_task(self.net(x_qry, fast_weights), y_qry))
+        accs = torch.stack(accs, dim=1).cpu().numpy()  # [T, update_step_test + 1]
+        return accs if per_task else accs.mean(axis=0)
