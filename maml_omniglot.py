@@ -47,7 +47,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from meta import MetaLearner  # noqa: E402
-from omniglot_nshot import OmniglotNShot  # noqa: E402
+from omniglot_nshot import DRAWINGS_PER_CHARACTER, SPLIT_SIZES, OmniglotNShot  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
 # Settings: the paper's appendix (reference code: github.com/cbfinn/maml).
@@ -59,9 +59,6 @@ SETTINGS = {
     "20w5s": dict(n_way=20, k_spt=5, task_num=16, update_step=5, update_lr=0.1, update_step_test=5),
 }
 COMMON = dict(meta_lr=1e-3, iterations=60000)  # and k_qry = k_spt, 600 test tasks
-
-DRAWINGS_PER_CHARACTER = 20  # Omniglot: 20 people drew each character once
-SPLIT_CLASSES = {"train": 1100, "val": 100, "test": 423}  # the class split of omniglot_nshot
 
 # Keys that may differ when resuming: they do not change what the run computes.
 RESUMABLE_CHANGES = ("data", "out", "device", "checkpoint_every")
@@ -133,9 +130,9 @@ def resolve_config(args, parser):
 
     if cfg["n_way"] < 2:
         parser.error(f"--n-way must be at least 2 (a task needs two classes), got {cfg['n_way']}")
-    smallest = min(SPLIT_CLASSES, key=SPLIT_CLASSES.get)
-    if cfg["n_way"] > SPLIT_CLASSES[smallest]:
-        parser.error(f"--n-way {cfg['n_way']} is more than the {SPLIT_CLASSES[smallest]} classes "
+    smallest = min(SPLIT_SIZES, key=SPLIT_SIZES.get)
+    if cfg["n_way"] > SPLIT_SIZES[smallest]:
+        parser.error(f"--n-way {cfg['n_way']} is more than the {SPLIT_SIZES[smallest]} classes "
                      f"of the {smallest} split")
     if cfg["k_spt"] < 1:
         parser.error(f"--k-spt must be at least 1, got {cfg['k_spt']}")

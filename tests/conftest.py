@@ -98,3 +98,18 @@ def fake_omniglot_npy(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "omniglot.npy"
     np.save(path, omniglot)
     return path
+
+
+@pytest.fixture(scope="session")
+def learnable_omniglot_npy(tmp_path_factory):
+    """A data/omniglot.npy-like file, shape (1623, 20, 1, 28, 28) float32 in [0, 1], that a network
+    can learn from: each class is a random sparse stroke pattern and each drawing flips 5% of its
+    pixels. For experiment tests (maml_omniglot.py) that must run fast without the real data.
+    Returns the path."""
+    rng = np.random.default_rng(0)
+    templates = rng.random((1623, 1, 1, 28, 28)) < 0.15  # [1623, 1, 1, 28, 28]
+    flips = rng.random((1623, 20, 1, 28, 28)) < 0.05  # [1623, 20, 1, 28, 28]
+    omniglot = (templates ^ flips).astype(np.float32)
+    path = tmp_path_factory.mktemp("learnable") / "omniglot.npy"
+    np.save(path, omniglot)
+    return path

@@ -1,0 +1,233 @@
+"""maml_omniglot.py in-process: bad arguments, the outputs, determinism, NaN, refused resumes, plotting.
+
+Runs are tiny (2 tasks per meta-batch, a few iterations, 4 validation and test tasks) on the learnable
+fake array from conftest.py, so the whole file takes seconds. The subprocess kill tests are in
+test_resume.py. Torch runs on one thread here: for such tiny batches a second thread only adds
+synchronisation, which costs up to 100x when other processes compete for the cores.
+"""
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+import maml_omniglot
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_args(data, out, *extra):
+    return ["--data", str(data), "--out", str(out), "--device", "cpu", "--task-num", "2", "--iterations", "6",
+            "--eval-every", "3", "--eval-tasks", "4", "--test-tasks", "4", "--checkpoint-every", "2", *extra]
+
+
+def read_rows(out, drop=("elapsed_s",)):
+    with open(os.path.join(out, "log.csv"), newline="") as f:
+        return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
+
+
+def exit_code_and_stderr(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        maml_omniglot.main(argv)
+    return exc.value.code, capsys.readouterr().err
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if maml_omniglot gets as far as loading data or building the network."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("arguments should have been refused before loading data")
+
+    monkeypatch.setattr(maml_omniglot, "OmniglotNShot", forbidden)
+    monkeypatch.setattr(maml_omniglot, "MetaLearner", forbidden)
+
+
+@pytest.fixture(scope="module")
+def finished_run(learnable_omniglot_npy, tmp_path_factory):
+    """One complete tiny run; tests read it but must not change it."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, out)) == 0
+    return out
+
+
+BAD_ARGUMENTS = [
+    (["--n-way", "1"], "--n-way must be at least 2"),
+    (["--n-way", "101"], "--n-way 101 is more than the 100 classes of the val split"),
+    (["--k-spt", "0"], "--k-spt must be at least 1"),
+    (["--k-qry", "0"], "--k-qry must be at least 1"),
+    (["--k-spt", "-3", "--k-qry", "1"], "--k-spt must be at least 1"),
+    (["--k-spt", "15"], "--k-spt + --k-qry = 30 is more than the 20 drawings"),
+    (["--k-spt", "10", "--k-qry", "11"], "--k-spt + --k-qry = 21 is more than the 20 drawings"),
+    (["--update-lr", "-0.4"], "--update-lr must be a positive number, got -0.4"),
+    (["--update-lr", "0"], "--update-lr must be a positive number, got 0.0"),
+    (["--meta-lr", "-0.001"], "--meta-lr must be a positive number, got -0.001"),
+    (["--meta-lr=-1e-3"], "--meta-lr must be a positive number, got -0.001"),
+    (["--meta-lr", "nan"], "--meta-lr must be a positive number, got nan"),
+    (["--update-lr", "inf"], "--update-lr must be a positive number, got inf"),
+    (["--setting", "7w1s"], "argument --setting: invalid choice: '7w1s'"),
+    (["--device", "tpu"], "--device 'tpu' is unknown"),
+    (["--device", "mps"], "--device 'mps' is not supported"),
+    (["--iterations", "0"], "--iterations must be at least 1, got 0"),
+    (["--task-num", "0"], "--task-num must be at least 1, got 0"),
+    (["--update-step", "0"], "--update-step must be at least 1, got 0"),
+    (["--update-step-test", "0"], "--update-step-test must be at least 1, got 0"),
+    (["--eval-every", "0"], "--eval-every must be at least 1, got 0"),
+    (["--eval-tasks", "0"], "--eval-tasks must be at least 1, got 0"),
+    (["--test-tasks", "-1"], "--test-tasks must be at least 1, got -1"),
+    (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1, got 0"),
+    (["--n-way", "five"], "argument --n-way: invalid int value: 'five'"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
+def test_impossible_arguments_fail_before_loading_data_with_one_line(extra, message, tmp_path, capsys, no_training):
+    code, err = exit_code_and_stderr(tiny_args(tmp_path / "data.npy", tmp_path / "out", *extra), capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("maml_omniglot.py: error: ")
+    assert message in err
+    assert not (tmp_path / "out" / "log.csv").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_requested_but_unavailable(tmp_path, capsys, no_training):
+    code, err = exit_code_and_stderr(tiny_args(tmp_path / "data.npy", tmp_path / "out", "--device", "cuda"), capsys)
+    assert code == 2 and err == "maml_omniglot.py: error: --device cuda: CUDA is not available on this machine\n"
+
+
+def test_unwritable_output_folder(tmp_path, capsys, no_training):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code, err = exit_code_and_stderr(tiny_args(tmp_path / "data.npy", blocker / "out"), capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"--out {blocker / 'out'} cannot be written" in err
+
+
+def test_a_run_writes_log_summary_and_plot(finished_run, learnable_omniglot_npy):
+    rows = read_rows(finished_run, drop=())
+    assert list(rows[0]) == (["iteration", "split"] + [f"acc_step{s}" for s in range(4)]
+                             + [f"ci95_step{s}" for s in range(4)] + ["loss", "elapsed_s"])
+    assert [(r["iteration"], r["split"]) for r in rows] == [
+        ("0", "val"), ("3", "train"), ("3", "val"), ("6", "train"), ("6", "val"), ("6", "test")]
+    for row in rows:
+        assert float(row["elapsed_s"]) >= 0
+        if row["split"] == "train":  # update_step = 1: two accuracies, a loss, no interval
+            assert row["acc_step1"] and not row["acc_step2"] and not row["ci95_step0"] and float(row["loss"]) > 0
+        else:  # update_step_test = 3: four accuracies with intervals, no loss
+            assert all(0 <= float(row[f"acc_step{s}"]) <= 1 for s in range(4)) and row["ci95_step3"]
+            assert row["loss"] == ""
+
+    summary = json.loads((finished_run / "summary.json").read_text())
+    test_row = rows[-1]
+    assert summary["test"] == {"accs": [float(test_row[f"acc_step{s}"]) for s in range(4)],
+                               "ci95": [float(test_row[f"ci95_step{s}"]) for s in range(4)], "tasks": 4}
+    assert summary["config"]["n_way"] == 5 and summary["config"]["update_lr"] == 0.4
+    assert summary["config"]["task_num"] == 2 and summary["seed"] == 0
+    assert len(summary["git"]["commit"]) == 40 and isinstance(summary["git"]["dirty"], bool)
+    assert summary["command"].startswith("python maml_omniglot.py --data ")
+    assert summary["torch"] == torch.__version__ and summary["device"]["type"] == "cpu"
+    assert summary["device"]["name"]
+    assert summary["wall_time_s"] > 0 and summary["meta_iterations_per_s"] > 0
+    assert summary["resumed_at_iterations"] == []
+
+    assert (finished_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (finished_run / "checkpoint.pt").exists()
+    assert not [p for p in os.listdir(finished_run) if p.endswith(".tmp")]
+
+
+def test_same_seed_same_log_other_seed_other_log(finished_run, learnable_omniglot_npy, tmp_path):
+    assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, tmp_path / "again")) == 0
+    assert read_rows(tmp_path / "again") == read_rows(finished_run)
+    assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, tmp_path / "seed1", "--seed", "1")) == 0
+    assert read_rows(tmp_path / "seed1") != read_rows(finished_run)
+
+
+def test_plot_only_redraws_from_the_log(finished_run, tmp_path):
+    for rows_kept in (None, -1):  # with the test row, and without it
+        folder = tmp_path / f"plot{rows_kept}"
+        folder.mkdir()
+        lines = (finished_run / "log.csv").read_text().splitlines(keepends=True)
+        (folder / "log.csv").write_text("".join(lines[:rows_kept]))
+        assert maml_omniglot.main(["--plot-only", str(folder)]) == 0
+        assert (folder / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert sorted(os.listdir(folder)) == ["curves.png", "log.csv"]
+
+
+def test_plot_only_without_a_log(tmp_path, capsys):
+    code, err = exit_code_and_stderr(["--plot-only", str(tmp_path)], capsys)
+    assert code == 2 and f"there is no {tmp_path / 'log.csv'}" in err
+
+
+def test_nan_loss_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(
+        learnable_omniglot_npy, tmp_path, monkeypatch, capsys):
+    class NanAtFifth(maml_omniglot.MetaLearner):
+        calls = 0
+
+        def forward(self, *batch):
+            accs, loss = super().forward(*batch)
+            NanAtFifth.calls += 1
+            return accs, float("nan") if NanAtFifth.calls == 5 else loss
+
+    monkeypatch.setattr(maml_omniglot, "MetaLearner", NanAtFifth)
+    out = tmp_path / "out"
+    assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, out)) == 1
+    err = capsys.readouterr().err
+    assert "error: meta-loss is nan at iteration 5; stopping" in err
+    assert f"the last good checkpoint ({out / 'checkpoint.pt'}) is kept" in err
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["iteration"] == 4
+    assert [r["iteration"] for r in read_rows(out)] == ["0", "3", "3"]
+    assert not (out / "summary.json").exists()
+
+
+def test_resume_with_another_configuration_is_refused_naming_the_values(finished_run, tmp_path, capsys,
+                                                                        learnable_omniglot_npy):
+    before = (finished_run / "checkpoint.pt").read_bytes()
+    code, err = exit_code_and_stderr(
+        tiny_args(learnable_omniglot_npy, finished_run, "--resume", "--update-lr", "0.3", "--setting", "5w5s"), capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "was made with another configuration; refusing to resume" in err
+    for difference in ("k_spt: checkpoint 1, now 5", "k_qry: checkpoint 1, now 5",
+                       "setting: checkpoint '5w1s', now '5w5s'", "update_lr: checkpoint 0.4, now 0.3"):
+        assert difference in err
+    assert (finished_run / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "foreign"])
+def test_corrupt_checkpoint_is_refused_and_left_alone(damage, finished_run, learnable_omniglot_npy, tmp_path,
+                                                     capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    good = (finished_run / "checkpoint.pt").read_bytes()
+    bad = {"truncated": good[: len(good) // 2], "garbage": os.urandom(5000), "empty": b"",
+           "foreign": None}[damage]
+    if bad is None:
+        torch.save({"format": 1, "iteration": 3}, out / "checkpoint.pt")
+        bad = (out / "checkpoint.pt").read_bytes()
+    else:
+        (out / "checkpoint.pt").write_bytes(bad)
+    code, err = exit_code_and_stderr(tiny_args(learnable_omniglot_npy, out, "--resume"), capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"{out / 'checkpoint.pt'} is corrupt or truncated" in err and "refusing to resume" in err
+    assert (out / "checkpoint.pt").read_bytes() == bad
+    assert sorted(os.listdir(out)) == ["checkpoint.pt"]
+
+
+def test_an_existing_checkpoint_needs_resume(finished_run, learnable_omniglot_npy, capsys, no_training):
+    code, err = exit_code_and_stderr(tiny_args(learnable_omniglot_npy, finished_run), capsys)
+    assert code == 2 and "already holds checkpoint.pt: add --resume" in err
+
+
+def test_resuming_a_finished_run_only_repeats_the_test(finished_run, learnable_omniglot_npy, tmp_path):
+    out = tmp_path / "copy"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes((finished_run / "checkpoint.pt").read_bytes())
+    assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, out, "--resume")) == 0
+    assert read_rows(out) == read_rows(finished_run)
+    assert json.loads((out / "summary.json").read_text())["resumed_at_iterations"] == [6]
