@@ -209,9 +209,10 @@ class OmniglotNShot:
                 f"but this OmniglotNShot has {self._settings()}"
             )
         for mode in MODES:
-            self._generators[mode].bit_generator.state = copy.deepcopy(state["modes"][mode]["generator_state"])
+            saved = state["modes"][mode]
+            self._generators[mode].bit_generator.state = copy.deepcopy(saved["generator_state"])
             self._fill_cache(mode)
-            self._position[mode] = state["modes"][mode]["position"]
+            self._position[mode] = saved["position"]
 
 
 if __name__ == "__main__":

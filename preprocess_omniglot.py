@@ -48,7 +48,6 @@ import platform
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 import zipfile
 import zlib
@@ -358,7 +357,9 @@ def preprocess(zips_dir, out_path, force=False, resize="nearest"):
             os.replace(sidecar_temporary, sidecar_path(out_path))
             os.replace(array_temporary, out_path)
         except OSError as error:  # disk full, folder removed meanwhile, ...
-            raise PreprocessError(f"cannot write {out_path} ({error}). Check the free space and --out.") from error
+            raise PreprocessError(
+                f"cannot write {out_path} ({error}). Check the free space and --out."
+            ) from error
     finally:
         array_file.close()
         sidecar_file.close()

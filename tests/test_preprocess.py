@@ -193,7 +193,8 @@ def test_download_checks_the_md5(tmp_path, monkeypatch, md5_matches):
                         lambda url, timeout: FakeResponse(payload))
     destination = tmp_path / "images_background.zip"
     if md5_matches:
-        preprocess_omniglot.download("https://example.invalid/x.zip", destination, hashlib.md5(payload).hexdigest())
+        right_md5 = hashlib.md5(payload).hexdigest()
+        preprocess_omniglot.download("https://example.invalid/x.zip", destination, right_md5)
         assert destination.read_bytes() == payload
     else:
         with pytest.raises(PreprocessError, match="md5"):
