@@ -372,11 +372,12 @@ def train(cfg, learner, data, state, paths):
         if stop.signum:
             name = signal.Signals(stop.signum).name
             tqdm.write(f"{name} at iteration {iteration}: checkpoint saved to {paths['checkpoint']}; "
-                       f"continue with the same command and --resume")
+                       f"continue with the same command and --resume", file=sys.stderr)
             raise SystemExit(128 + stop.signum)
 
     start = state["iteration"]
-    val_acc = float("nan")
+    val_rows = [row for row in state["log"] if row["split"] == "val"]
+    val_acc = val_rows[-1][f"acc_step{cfg['update_step_test']}"] if val_rows else float("nan")
     ema = None
     with StopRequested() as stop, tqdm(total=cfg["iterations"], initial=start, unit="it", dynamic_ncols=True,
                                        desc=f"{cfg['n_way']}-way {cfg['k_spt']}-shot") as bar:
@@ -385,8 +386,8 @@ def train(cfg, learner, data, state, paths):
             write_log(paths["log"], state["log"], n_steps)
             after(0, stop)
         for iteration in range(start + 1, cfg["iterations"] + 1):
-            x_spt, y_spt, x_qry, y_qry = data.next("train")
             t = time.monotonic()
+            x_spt, y_spt, x_qry, y_qry = data.next("train")
             accs, loss = learner(x_spt, y_spt, x_qry, y_qry)
             state["train_s"] += time.monotonic() - t
             if not math.isfinite(loss):
@@ -448,7 +449,8 @@ def device_description(device):
 
 def write_summary(path, cfg, state, test_accs, test_ci, command):
     """summary.json. wall_time_s counts training, validation and test over all resumed segments (not start-up,
-    data loading, or the work lost after the last checkpoint); meta_iterations_per_s counts meta-updates only."""
+    data loading, or the work lost after the last checkpoint); meta_iterations_per_s divides the iterations by
+    the time spent sampling tasks and taking meta-steps, without validation and test."""
     summary = {
         "test": {"accs": [float(a) for a in test_accs], "ci95": [float(c) for c in test_ci],
                  "tasks": cfg["test_tasks"]},
@@ -490,10 +492,12 @@ def plot_curves(log_path, png_path, title):
             ax.fill_between(x, np.subtract(y, ci), np.add(y, ci), color=color, alpha=0.15, linewidth=0)
     train_steps = [s for s in steps if series("train", s)[0]]
     if train_steps:
-        x, y = series("train", train_steps[-1])
-        ax.plot(x, y, linestyle="--", color="grey", label=f"train, {train_steps[-1]} step{'s' * (train_steps[-1] != 1)}")
+        last = train_steps[-1]
+        x, y = series("train", last)
+        ax.plot(x, y, linestyle="--", color="grey", label=f"train, {last} step{'s' * (last != 1)}")
     ax.set_xlabel("meta-iteration")
     ax.set_ylabel("query accuracy (%)")
+    ax.set_ylim(0, 100)
     ax.set_title("validation during meta-training (band: 95% interval)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="lower right")
@@ -506,16 +510,17 @@ def plot_curves(log_path, png_path, title):
         ax2.errorbar(range(len(accs)), accs, yerr=ci, marker="o", capsize=4, color="C3",
                      label="test, 95% interval")
         for s, (a, c) in enumerate(zip(accs, ci)):
-            ax2.annotate(f"{a:.1f}", (s, a + c), textcoords="offset points", xytext=(0, 4), ha="center",
-                         fontsize="small")
+            ax2.annotate(f"{a:.1f}", (s, a), textcoords="offset points", xytext=(6, 0), ha="left",
+                         va="center", fontsize="small")
         ax2.set_xticks(range(len(accs)))
         ax2.set_xlabel("inner adaptation steps")
         ax2.set_ylabel("query accuracy (%)")
         ax2.set_title(f"test after {row['iteration']} iterations")
-        ax2.margins(x=0.15, y=0.15)
+        ax2.set_xlim(-0.5, len(accs) - 0.2)
+        ax2.set_ylim(0, 100)
         ax2.grid(alpha=0.3)
         ax2.legend(fontsize="small", loc="lower right")
-    fig.suptitle(title)
+    fig.suptitle(f"MAML on Omniglot: {title}")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)

@@ -1,0 +1,125 @@
+"""Runs that survive interruption: SIGKILL or SIGTERM a real `python maml_omniglot.py` process, resume it
+with --resume, and compare log.csv row for row with an uninterrupted run (every column but elapsed_s,
+which is wall-clock time and cannot repeat).
+
+Kill points: before any checkpoint exists (start-up), at iterations spread over the run (read from the
+progress bar the process prints), and after the last iteration (during the test). Each test prints the
+iteration its checkpoint held when the process died (pytest -s shows it).
+"""
+import csv
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ITERATIONS = 24
+
+
+def command(data, out, *extra):
+    return [sys.executable, os.path.join(REPO, "maml_omniglot.py"), "--data", str(data), "--out", str(out),
+            "--device", "cpu", "--task-num", "2", "--iterations", str(ITERATIONS), "--eval-every", "4",
+            "--eval-tasks", "4", "--test-tasks", "4", "--checkpoint-every", "3", *extra]
+
+
+def environment():
+    # One torch thread: see test_experiment.py. Determinism holds for any fixed thread count.
+    return dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def rows_without_elapsed(out):
+    with open(os.path.join(out, "log.csv"), newline="") as f:
+        return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in csv.DictReader(f)]
+
+
+def checkpoint_iteration(out):
+    path = os.path.join(out, "checkpoint.pt")
+    return torch.load(path, weights_only=False)["iteration"] if os.path.exists(path) else None
+
+
+class Process:
+    """A running maml_omniglot.py whose stderr is read in the background, to watch its progress bar."""
+
+    def __init__(self, argv):
+        self.popen = subprocess.Popen(argv, cwd=REPO, env=environment(), stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE)
+        self.stderr = b""
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        while chunk := os.read(self.popen.stderr.fileno(), 4096):
+            self.stderr += chunk
+
+    def progress(self):
+        done = re.findall(rb"(\d+)/%d \[" % ITERATIONS, self.stderr)
+        return int(done[-1]) if done else -1
+
+    def wait_for(self, iteration, timeout=120):
+        deadline = time.monotonic() + timeout
+        while self.progress() < iteration and self.popen.poll() is None:
+            assert time.monotonic() < deadline, "the run made no progress"
+            time.sleep(0.01)
+
+    def finish(self):
+        self.popen.wait(timeout=120)
+        self.reader.join(timeout=10)
+        return self.popen.returncode, self.stderr.decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(learnable_omniglot_npy, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "out"
+    code, err = Process(command(learnable_omniglot_npy, out)).finish()
+    assert code == 0, err
+    return rows_without_elapsed(out)
+
+
+def resume_and_compare(data, out, expected):
+    code, err = Process(command(data, out, "--resume")).finish()
+    assert code == 0, err
+    assert rows_without_elapsed(out) == expected
+
+
+# "start-up": killed 0.3 s after launch, before the first checkpoint; "random": a new iteration each
+# session (printed); the others after the progress bar showed that iteration (the process runs on a
+# little before the signal lands, so the kill can fall inside a validation or a checkpoint write).
+KILL_POINTS = ["start-up", 5, 14, "random", ITERATIONS]
+
+
+@pytest.mark.parametrize("kill_at", KILL_POINTS)
+def test_sigkill_then_resume_gives_the_uninterrupted_log(kill_at, uninterrupted, learnable_omniglot_npy, tmp_path):
+    out = tmp_path / "out"
+    process = Process(command(learnable_omniglot_npy, out))
+    if kill_at == "start-up":
+        time.sleep(0.3)
+    else:
+        kill_at = random.randint(0, ITERATIONS) if kill_at == "random" else kill_at
+        process.wait_for(kill_at)
+    process.popen.send_signal(signal.SIGKILL)
+    code, _ = process.finish()
+    assert code in (-signal.SIGKILL, 0)  # 0: the run finished before the signal (kill_at = ITERATIONS)
+    print(f"\nSIGKILL after progress {kill_at}: checkpoint at iteration {checkpoint_iteration(out)}, "
+          f"exit {code}")
+    resume_and_compare(learnable_omniglot_npy, out, uninterrupted)
+
+
+def test_sigterm_checkpoints_the_current_iteration_and_exits(uninterrupted, learnable_omniglot_npy, tmp_path):
+    out = tmp_path / "out"
+    process = Process(command(learnable_omniglot_npy, out))
+    process.wait_for(8)
+    process.popen.send_signal(signal.SIGTERM)
+    code, err = process.finish()
+    assert code == 128 + signal.SIGTERM, err
+    stopped = checkpoint_iteration(out)
+    assert 8 <= stopped < ITERATIONS
+    assert f"SIGTERM at iteration {stopped}: checkpoint saved to {out / 'checkpoint.pt'}" in err
+    print(f"\nSIGTERM after progress 8: checkpoint at iteration {stopped}")
+    resume_and_compare(learnable_omniglot_npy, out, uninterrupted)
