@@ -10,7 +10,11 @@ checkpoints, the training loop, the summary and the plot, and main().
 
 Outputs in --out (each written atomically: temporary file, then os.replace):
   log.csv       one row per logged point: iteration, split (train/val/test), acc_step0..acc_stepS
-                (query accuracy after 0..S inner steps, as fractions), loss, elapsed_s.
+                (mean query accuracy after 0..S inner steps, as fractions; S = the larger of
+                --update-step and --update-step-test, cells beyond a row's own steps left empty),
+                ci95_step0..ci95_stepS (the 95% interval half-widths, val and test rows), loss (train
+                rows: the meta-loss, the query cross-entropy), elapsed_s (seconds since the run began,
+                summed over resumed segments).
                 train rows average the meta-training tasks since the previous train row (one row every
                 --eval-every iterations and at the last one); val rows are --eval-tasks validation tasks,
                 at iteration 0 (the untrained initialisation, for reference) and every --eval-every
@@ -19,7 +23,9 @@ Outputs in --out (each written atomically: temporary file, then os.replace):
   summary.json  the test accuracies with 95% intervals, the config, git commit, command, versions, device,
                 wall time and meta-iterations per second.
   curves.png    validation accuracy over iterations per adaptation step, and the test accuracy per step.
-  checkpoint.pt everything needed to continue the run exactly (see save_checkpoint).
+  checkpoint.pt everything needed to continue the run exactly (see train()), written every
+                --checkpoint-every iterations, at the last one, and on SIGINT/SIGTERM (the run then
+                stops with exit code 128 + the signal number). It also holds the trained network.
 
 On CPU, the same command on the same machine gives a bit-identical log.csv, also across a SIGKILL and
 --resume, in every column except elapsed_s (wall-clock time cannot repeat).
@@ -48,6 +54,7 @@ from tqdm import tqdm  # noqa: E402
 
 from meta import MetaLearner  # noqa: E402
 from omniglot_nshot import DRAWINGS_PER_CHARACTER, SPLIT_SIZES, OmniglotNShot  # noqa: E402
+from preprocess_omniglot import PreprocessError  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
 # Settings: the paper's appendix (reference code: github.com/cbfinn/maml).
@@ -60,7 +67,8 @@ SETTINGS = {
 }
 COMMON = dict(meta_lr=1e-3, iterations=60000)  # and k_qry = k_spt, 600 test tasks
 
-# Keys that may differ when resuming: they do not change what the run computes.
+# Config keys that may differ when resuming: where the files are, how often to checkpoint, and the
+# device (which changes only floating-point rounding). Any other difference is refused.
 RESUMABLE_CHANGES = ("data", "out", "device", "checkpoint_every")
 
 CHECKPOINT = "checkpoint.pt"
@@ -102,7 +110,8 @@ def build_parser():
     p.add_argument("--eval-tasks", type=int, default=320, help="validation tasks per validation (320)")
     p.add_argument("--test-tasks", type=int, default=600, help="test tasks at the end (600)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="write checkpoint.pt every N iterations (500)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt with the same flags (starts afresh if there is none)")
     p.add_argument("--data", default="data/omniglot.npy",
                    help="preprocessed array; built from the zips beside it when missing (data/omniglot.npy)")
     p.add_argument("--out", help="output folder (results/<setting>/)")
@@ -293,7 +302,7 @@ def load_checkpoint(path, cfg, parser):
     Checkpoints are pickles: load only your own.
     """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)  # holds numpy RNG state
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"unknown format {state.get('format')!r}")
         for key in ("config", "iteration", "learner", "meta_optim", "rng", "data", "log", "window",
@@ -345,8 +354,10 @@ class NonFiniteLoss(Exception):
 def train(cfg, learner, data, state, paths):
     """Meta-train from state["iteration"] to cfg["iterations"], logging, validating and checkpointing.
 
-    `state` holds everything a checkpoint holds besides the network, optimiser, RNGs and sampler; it is
-    updated in place. Returns the state after the last iteration.
+    `state` holds the iteration, the log rows, the running sums of the current train-row window,
+    the elapsed and training seconds, and the iterations at which the run was resumed; it is updated
+    in place and returned. A checkpoint adds the config, the network, the Adam state, the RNG states of
+    python, numpy and torch, and the task sampler's state.
     """
     n_steps = max(cfg["update_step"], cfg["update_step_test"]) + 1
     segment_start = time.monotonic()
@@ -559,8 +570,12 @@ def main(argv=None):
     random.seed(cfg["seed"])
     np.random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
-    data = OmniglotNShot(path=cfg["data"], batchsz=cfg["task_num"], n_way=cfg["n_way"], k_shot=cfg["k_spt"],
-                         k_query=cfg["k_qry"], device=cfg["device"], seed=cfg["seed"], rotate=cfg["rotate"])
+    try:
+        data = OmniglotNShot(path=cfg["data"], batchsz=cfg["task_num"], n_way=cfg["n_way"], k_shot=cfg["k_spt"],
+                             k_query=cfg["k_qry"], device=cfg["device"], seed=cfg["seed"], rotate=cfg["rotate"])
+    except (PreprocessError, ValueError) as e:  # no zips and no network, a damaged or foreign array
+        print(f"maml_omniglot.py: error: {e}", file=sys.stderr)
+        return 1
     learner = MetaLearner(cfg["n_way"], cfg["k_spt"], cfg["update_lr"], cfg["meta_lr"], cfg["update_step"],
                           cfg["update_step_test"], first_order=cfg["first_order"]).to(cfg["device"])
     state = {"iteration": 0, "log": [], "window": empty_window(cfg), "elapsed_s": 0.0, "train_s": 0.0,

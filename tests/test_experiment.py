@@ -9,6 +9,7 @@ import csv
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -108,6 +109,20 @@ def test_unwritable_output_folder(tmp_path, capsys, no_training):
     code, err = exit_code_and_stderr(tiny_args(tmp_path / "data.npy", blocker / "out"), capsys)
     assert code == 2 and err.count("\n") == 1
     assert f"--out {blocker / 'out'} cannot be written" in err
+
+
+def test_missing_data_without_zips_or_network_fails_clearly(tmp_path, capsys):
+    assert maml_omniglot.main(tiny_args(tmp_path / "nothing" / "omniglot.npy", tmp_path / "out")) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("maml_omniglot.py: error: could not download images_background.zip")
+    assert "put the two Omniglot zips here" in err
+
+
+def test_an_array_of_the_wrong_shape_fails_clearly(tmp_path, capsys):
+    np.save(tmp_path / "small.npy", np.zeros((10, 20, 1, 28, 28), dtype=np.float32))
+    assert maml_omniglot.main(tiny_args(tmp_path / "small.npy", tmp_path / "out")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"maml_omniglot.py: error: {tmp_path / 'small.npy'} holds float32 (10, 20, 1, 28, 28)")
 
 
 def test_a_run_writes_log_summary_and_plot(finished_run, learnable_omniglot_npy):
