@@ -92,7 +92,6 @@ class BaseNet(nn.Module):
         # params[i]: [T, *shape of own parameter i]
 
         h = x.transpose(0, 1).reshape(n, tasks * channels, height, width)  # tasks side by side: [n, T*C, 28, 28]
-        h = h.contiguous(memory_format=torch.channels_last)  # the layout oneDNN convolves without reordering
         for block in range(BLOCKS):
             conv_weight, bn_weight, bn_bias = params[3 * block: 3 * block + 3]
             h = F.conv2d(h, conv_weight.reshape(-1, *conv_weight.shape[2:]), stride=2, padding=1, groups=tasks)

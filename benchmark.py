@@ -1,0 +1,144 @@
+"""How fast is a meta-iteration? The batched fast path of meta.py against the plain per-task loop.
+
+    python benchmark.py                                  # 5w1s, the "public" protocol, on the best device
+    python benchmark.py --setting 20w1s --protocol paper --device cpu
+
+Everything runs in one process on one synthetic batch of tasks (random images, labels shuffled per task),
+so the numbers measure computation only, not data loading. Protocols:
+
+    paper   the setting's own values: meta-batch, inner steps and K query drawings per class, as
+            maml_omniglot.py trains them (for 5w1s: 32 tasks, 1 inner step, 1 query per class)
+    public  5 inner steps and 15 query drawings per class, the workload most public PyTorch MAML
+            reproductions use, with the setting's meta-batch
+
+Printed: the median seconds per meta-iteration of the fast path (as the training loop runs it:
+MetaLearner.forward without the intermediate query accuracies) and of the reference loop
+(tests/reference_maml.py, the per-task loop that computes the query accuracy at every step, as public
+code does), their ratio, the FLOPs of each (convolutions and matrix products, forward and all
+backward passes, counted by torch.utils.flop_counter on the reference loop, since its formula for a
+grouped convolution's backward counts every group's work once per group; the fast path's count is the
+loop's without the intermediate query forwards, the same arithmetic) and the achieved GFLOP/s, the peak memory, and
+test tasks adapted per second by finetunning.
+"""
+
+import argparse
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from meta import MetaLearner
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
+from reference_maml import reference_meta_loss  # noqa: E402  (the reference loop lives with the tests)
+
+SETTINGS = {  # n_way, k_shot, meta-batch, inner steps in training, inner learning rate, steps at test
+    "5w1s": (5, 1, 32, 1, 0.4, 3),
+    "5w5s": (5, 5, 32, 1, 0.4, 3),
+    "20w1s": (20, 1, 16, 5, 0.1, 5),
+    "20w5s": (20, 5, 16, 5, 0.1, 5),
+}
+
+
+def synthetic_tasks(tasks, n_way, k_shot, k_query, device, generator):
+    """Random images shaped as OmniglotNShot serves them, labels 0..N-1 shuffled per task."""
+    def labels(k):
+        return torch.stack([torch.randperm(n_way, generator=generator).repeat(k) for _ in range(tasks)])
+    x_spt = torch.rand(tasks, n_way * k_shot, 1, 28, 28, generator=generator)
+    x_qry = torch.rand(tasks, n_way * k_query, 1, 28, 28, generator=generator)
+    return [t.to(device) for t in (x_spt, labels(k_shot), x_qry, labels(k_query))]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(step, device, repeats):
+    step()  # warm-up: allocator, oneDNN/cuDNN kernel choices
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def flops_of(step):
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()
+
+
+def peak_memory_mib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="5w1s")
+    parser.add_argument("--protocol", choices=("paper", "public"), default="public")
+    parser.add_argument("--first-order", action="store_true")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    parser.add_argument("--repeats", type=int, default=5, help="timed meta-iterations per path (default 5)")
+    parser.add_argument("--skip-reference", action="store_true", help="time only the fast path")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    n_way, k_shot, tasks, update_step, update_lr, update_step_test = SETTINGS[args.setting]
+    k_query = k_shot
+    if args.protocol == "public":
+        update_step, k_query = 5, 15
+    torch.manual_seed(0)
+    learner = MetaLearner(n_way, k_shot, update_lr, 1e-3, update_step, update_step_test,
+                          first_order=args.first_order).to(device)
+    batch = synthetic_tasks(tasks, n_way, k_shot, k_query, device, torch.Generator().manual_seed(0))
+
+    def fast_step():
+        learner(*batch, all_step_accs=False)
+
+    def reference_step(all_step_accs=True):
+        learner.meta_optim.zero_grad(set_to_none=True)
+        loss, _ = reference_meta_loss(list(learner.net.parameters()), *batch, k_shot=k_shot,
+                                      update_lr=update_lr, update_step=update_step,
+                                      first_order=args.first_order, all_step_accs=all_step_accs)
+        loss.backward()
+        learner.meta_optim.step()
+
+    def test_step():
+        learner.finetunning(*batch)
+
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    print(f"{args.setting}, {args.protocol} protocol: {tasks} tasks, {n_way}-way {k_shot}-shot, "
+          f"{k_query} query per class, {update_step} inner steps, "
+          f"{'first' if args.first_order else 'second'} order, {device}{threads}, torch {torch.__version__}")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    fast_seconds = median_seconds(fast_step, device, args.repeats)
+    fast_memory = peak_memory_mib(device)
+    fast_flops = flops_of(lambda: reference_step(all_step_accs=False))
+    print(f"fast path       {fast_seconds:8.3f} s/it  {fast_flops / 1e9:7.1f} GFLOP  "
+          f"{fast_flops / fast_seconds / 1e9:6.1f} GFLOP/s  peak memory {fast_memory:,.0f} MiB")
+    if not args.skip_reference:
+        reference_seconds = median_seconds(reference_step, device, args.repeats)
+        reference_flops = flops_of(reference_step)
+        print(f"reference loop  {reference_seconds:8.3f} s/it  {reference_flops / 1e9:7.1f} GFLOP  "
+              f"{reference_flops / reference_seconds / 1e9:6.1f} GFLOP/s")
+        print(f"speed-up        {reference_seconds / fast_seconds:8.2f} x")
+    test_seconds = median_seconds(test_step, device, args.repeats)
+    print(f"finetunning     {tasks / test_seconds:8.1f} test tasks/s with {update_step_test} steps "
+          f"({600 * test_seconds / tasks:.1f} s for 600 tasks)")
+
+
+if __name__ == "__main__":
+    main()
