@@ -491,7 +491,7 @@ def plot_curves(log_path, png_path, title):
         return [p[0] for p in pts], [p[1] for p in pts]
 
     test = [r for r in rows if r["split"] == "test"]
-    fig, axes = plt.subplots(1, 2 if test else 1, figsize=(11 if test else 7, 4.5), squeeze=False,
+    fig, axes = plt.subplots(1, 2 if test else 1, figsize=(11 if test else 7, 5), squeeze=False,
                              gridspec_kw={"width_ratios": [2.2, 1]} if test else None)
     ax = axes[0][0]
     colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, max(len(steps), 1)))
@@ -511,26 +511,24 @@ def plot_curves(log_path, png_path, title):
     ax.set_ylim(0, 100)
     ax.set_title("validation during meta-training (band: 95% interval)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="lower right")
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)  # below: hides nothing
     if test:
         row = test[-1]
         accs = [100 * float(row[f"acc_step{s}"]) for s in steps if row[f"acc_step{s}"] != ""]
         ci = [100 * float(row[f"ci95_step{s}"]) if row.get(f"ci95_step{s}", "") != "" else 0.0
               for s in range(len(accs))]
         ax2 = axes[0][1]
-        ax2.errorbar(range(len(accs)), accs, yerr=ci, marker="o", capsize=4, color="C3",
-                     label="test, 95% interval")
+        ax2.errorbar(range(len(accs)), accs, yerr=ci, marker="o", capsize=4, color="C3")
         for s, (a, c) in enumerate(zip(accs, ci)):
             ax2.annotate(f"{a:.1f}", (s, a), textcoords="offset points", xytext=(6, 0), ha="left",
                          va="center", fontsize="small")
         ax2.set_xticks(range(len(accs)))
         ax2.set_xlabel("inner adaptation steps")
         ax2.set_ylabel("query accuracy (%)")
-        ax2.set_title(f"test after {row['iteration']} iterations")
+        ax2.set_title(f"test after {row['iteration']} iterations\n(bars: 95% interval)")
         ax2.set_xlim(-0.5, len(accs) - 0.2)
         ax2.set_ylim(0, 100)
         ax2.grid(alpha=0.3)
-        ax2.legend(fontsize="small", loc="lower right")
     fig.suptitle(f"MAML on Omniglot: {title}")
     fig.tight_layout()
     buf = io.BytesIO()
