@@ -11,13 +11,12 @@ so the numbers measure computation only, not data loading. Protocols:
     public  5 inner steps and 15 query drawings per class, the workload most public PyTorch MAML
             reproductions use, with the setting's meta-batch
 
-Printed: the median seconds per meta-iteration of the fast path (as the training loop runs it:
-MetaLearner.forward without the intermediate query accuracies) and of the reference loop
-(tests/reference_maml.py, the per-task loop that computes the query accuracy at every step, as public
-code does), their ratio, the FLOPs of each (convolutions and matrix products, forward and all
-backward passes, counted by torch.utils.flop_counter on the reference loop, since its formula for a
-grouped convolution's backward counts every group's work once per group; the fast path's count is the
-loop's without the intermediate query forwards, the same arithmetic) and the achieved GFLOP/s, the peak memory, and
+Printed: the median seconds per meta-iteration of the fast path (MetaLearner.forward, as the
+training loop runs it) and of the reference loop (tests/reference_maml.py, the per-task loop), their
+ratio; the FLOPs of a meta-iteration (convolutions and matrix products, forward and all backward
+passes, query accuracy after every inner step included, as both paths compute it), counted by
+torch.utils.flop_counter on the reference loop, because its formula for a grouped convolution's
+backward counts the work once per group; the achieved GFLOP/s of each; the peak memory, and
 test tasks adapted per second by finetunning.
 """
 
@@ -105,13 +104,13 @@ def main(argv=None):
     batch = synthetic_tasks(tasks, n_way, k_shot, k_query, device, torch.Generator().manual_seed(0))
 
     def fast_step():
-        learner(*batch, all_step_accs=False)
+        learner(*batch)
 
-    def reference_step(all_step_accs=True):
+    def reference_step():
         learner.meta_optim.zero_grad(set_to_none=True)
         loss, _ = reference_meta_loss(list(learner.net.parameters()), *batch, k_shot=k_shot,
                                       update_lr=update_lr, update_step=update_step,
-                                      first_order=args.first_order, all_step_accs=all_step_accs)
+                                      first_order=args.first_order)
         loss.backward()
         learner.meta_optim.step()
 
@@ -126,14 +125,13 @@ def main(argv=None):
         torch.cuda.reset_peak_memory_stats(device)
     fast_seconds = median_seconds(fast_step, device, args.repeats)
     fast_memory = peak_memory_mib(device)
-    fast_flops = flops_of(lambda: reference_step(all_step_accs=False))
-    print(f"fast path       {fast_seconds:8.3f} s/it  {fast_flops / 1e9:7.1f} GFLOP  "
-          f"{fast_flops / fast_seconds / 1e9:6.1f} GFLOP/s  peak memory {fast_memory:,.0f} MiB")
+    work = flops_of(reference_step)
+    print(f"a meta-iteration is {work / 1e9:.1f} GFLOP")
+    print(f"fast path       {fast_seconds:8.3f} s/it  {work / fast_seconds / 1e9:6.1f} GFLOP/s  "
+          f"peak memory {fast_memory:,.0f} MiB")
     if not args.skip_reference:
         reference_seconds = median_seconds(reference_step, device, args.repeats)
-        reference_flops = flops_of(reference_step)
-        print(f"reference loop  {reference_seconds:8.3f} s/it  {reference_flops / 1e9:7.1f} GFLOP  "
-              f"{reference_flops / reference_seconds / 1e9:6.1f} GFLOP/s")
+        print(f"reference loop  {reference_seconds:8.3f} s/it  {work / reference_seconds / 1e9:6.1f} GFLOP/s")
         print(f"speed-up        {reference_seconds / fast_seconds:8.2f} x")
     test_seconds = median_seconds(test_step, device, args.repeats)
     print(f"finetunning     {tasks / test_seconds:8.1f} test tasks/s with {update_step_test} steps "

@@ -73,24 +73,19 @@ class MetaLearner(nn.Module):
             fast_weights = [w - self.update_lr * g for w, g in zip(fast_weights, grads)]
             yield fast_weights
 
-    def meta_loss(self, x_spt, y_spt, x_qry, y_qry, all_step_accs=True):
+    def meta_loss(self, x_spt, y_spt, x_qry, y_qry):
         """Outer loss of a batch of tasks and the query accuracy after 0..update_step inner steps.
 
         x_spt [T, N*K, 1, 28, 28], y_spt [T, N*K], x_qry [T, N*Q, 1, 28, 28], y_qry [T, N*Q].
         Returns (loss, accs): loss is the differentiable mean query cross-entropy after `update_step`
         steps, averaged over tasks; accs a numpy array of update_step + 1 accuracies.
-
-        Only the last step's query forward is needed for the loss. The accuracies before it cost one
-        extra query forward each (as much work as the rest of a 5-step meta-iteration); with
-        all_step_accs=False they are skipped and reported as NaN.
+        Only the last step's query forward is needed for the loss; the accuracies before it are
+        measured without building a graph.
         """
         accs = []
         steps = self.adapt(x_spt, y_spt, self.update_step, self.net.parameters(), create_graph=not self.first_order)
         for step, fast_weights in enumerate(steps):
             if step < self.update_step:
-                if not all_step_accs:
-                    accs.append(torch.tensor(float("nan"), device=x_qry.device))
-                    continue
                 with torch.no_grad():  # intermediate steps: accuracy only, no graph
                     accs.append(accuracy_per_task(self.net(x_qry, fast_weights), y_qry).mean())
             else:
@@ -99,10 +94,10 @@ class MetaLearner(nn.Module):
                 accs.append(accuracy_per_task(logits.detach(), y_qry).mean())
         return loss, torch.stack(accs).cpu().numpy()
 
-    def forward(self, x_spt, y_spt, x_qry, y_qry, all_step_accs=True):
+    def forward(self, x_spt, y_spt, x_qry, y_qry):
         """One meta-training step on a batch of tasks. Returns (accs, loss): numpy [update_step + 1], float."""
         self.meta_optim.zero_grad(set_to_none=True)
-        loss, accs = self.meta_loss(x_spt, y_spt, x_qry, y_qry, all_step_accs)
+        loss, accs = self.meta_loss(x_spt, y_spt, x_qry, y_qry)
         loss.backward()
         self.meta_optim.step()
         return accs, loss.item()

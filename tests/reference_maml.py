@@ -23,24 +23,19 @@ def reference_forward(x, params):
 
 
 def reference_meta_loss(params, x_spt, y_spt, x_qry, y_qry, k_shot, update_lr, update_step,
-                        first_order=False, detach_inner_grads=False, all_step_accs=True):
+                        first_order=False, detach_inner_grads=False):
     """Task by task: adapt, then the query loss. Returns (mean query loss over tasks, accs [update_step + 1]).
 
     first_order=True takes the inner gradients without create_graph; detach_inner_grads=True takes
     them with create_graph and then detaches them, a second way to write first-order MAML.
-    all_step_accs=False runs the query set only after the last step (the other accuracies are NaN):
-    benchmark.py counts the FLOPs of that as the work a meta-iteration needs.
     """
     task_losses = []
     accs = torch.zeros(update_step + 1)
     for task in range(x_spt.shape[0]):
         fast_weights = list(params)
         for step in range(update_step + 1):
-            if not all_step_accs and step < update_step:
-                accs[step] = float("nan")
-            else:
-                query_logits = reference_forward(x_qry[task], fast_weights)
-                accs[step] += (query_logits.argmax(dim=1) == y_qry[task]).float().mean().item()
+            query_logits = reference_forward(x_qry[task], fast_weights)
+            accs[step] += (query_logits.argmax(dim=1) == y_qry[task]).float().mean().item()
             if step == update_step:
                 task_losses.append(F.cross_entropy(query_logits, y_qry[task]))
                 break
