@@ -5,6 +5,7 @@ and never write into the repository: everything goes to pytest's tmp_path.
 """
 
 import io
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -15,6 +16,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 import preprocess_omniglot
+
+# The real zips, beside the repository as in CI (../shared/omniglot); tests that need them skip without.
+REAL_ZIPS = Path(__file__).resolve().parents[1].parent / "shared" / "omniglot"
 
 # The fake zips: a few alphabets, listed out of order in the zip so that tests see the sorting.
 # {alphabet: number of characters}
@@ -113,3 +117,15 @@ def learnable_omniglot_npy(tmp_path_factory):
     path = tmp_path_factory.mktemp("learnable") / "omniglot.npy"
     np.save(path, omniglot)
     return path
+
+
+@pytest.fixture(scope="session")
+def real_omniglot_npy(tmp_path_factory):
+    """The real Omniglot, preprocessed once per test session from ../shared/omniglot.
+    Returns (path of the .npy, seconds the preprocessing took); skips when the zips are not there."""
+    if not (REAL_ZIPS / "images_background.zip").exists():
+        pytest.skip(f"the real Omniglot zips are not in {REAL_ZIPS}")
+    out_path = tmp_path_factory.mktemp("real") / "omniglot.npy"
+    started = time.perf_counter()
+    preprocess_omniglot.preprocess(REAL_ZIPS, out_path)
+    return out_path, time.perf_counter() - started

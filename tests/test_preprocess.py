@@ -17,7 +17,6 @@ from preprocess_omniglot import PreprocessError, main, preprocess
 
 from conftest import FAKE_BACKGROUND, FAKE_EVALUATION
 
-REAL_ZIPS = Path(__file__).resolve().parents[1].parent / "shared" / "omniglot"
 FAKE_CLASS_COUNT = sum(FAKE_BACKGROUND.values()) + sum(FAKE_EVALUATION.values())
 
 
@@ -203,14 +202,8 @@ def test_download_checks_the_md5(tmp_path, monkeypatch, md5_matches):
     assert [path.name for path in tmp_path.iterdir()] == (["images_background.zip"] if md5_matches else [])
 
 
-@pytest.mark.skipif(not (REAL_ZIPS / "images_background.zip").exists(),
-                    reason=f"the real Omniglot zips are not in {REAL_ZIPS}")
-def test_real_data(tmp_path):
-    out_path = tmp_path / "omniglot.npy"
-    started = time.perf_counter()
-    preprocess(REAL_ZIPS, out_path)
-    seconds = time.perf_counter() - started
-
+def test_real_data(real_omniglot_npy):
+    out_path, seconds = real_omniglot_npy
     omniglot = np.load(out_path, mmap_mode="r")
     assert omniglot.shape == (1623, 20, 1, 28, 28)
     classes = json.loads(out_path.with_suffix(".json").read_text())["classes"]

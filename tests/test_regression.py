@@ -1,0 +1,67 @@
+"""The regression check: re-run the committed CPU reference run and compare its curves.
+
+results/5w1s-cpu-reference/ holds a short 5-way 1-shot run on the real data (its summary.json says
+the command, commit, device, seed and wall time). This test runs the same command again and asks:
+
+* that the validation curve, the query accuracy after `update_step_test` inner steps at every
+  validation, stays within TOLERANCE of the committed one, point by point, and
+* that the run really learned: test accuracy on the 423 held-out test classes, never seen in
+  training, is far above the chance level of 1/5 (issue: at least 60% after a few hundred steps).
+
+On the machine that made the reference the curve repeats bit for bit. Elsewhere another CPU rounds
+differently, the trajectories drift apart, and the curves differ by sampling noise: with 320
+validation tasks of 5 query drawings, one point's standard error is about 1 percentage point.
+A different seed (a far larger change than rounding) stayed within the tolerance; a learner with a
+broken inner step did not (see the README's "Regression check").
+"""
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+import maml_omniglot
+
+REFERENCE = Path(__file__).resolve().parents[1] / "results" / "5w1s-cpu-reference"
+TOLERANCE = 0.08  # largest allowed difference at any validation point, as a fraction
+MEAN_TOLERANCE = 0.04  # largest allowed mean difference over the curve
+
+
+def final_step_curve(log_path, step):
+    rows = maml_omniglot.read_log(log_path)
+    return {int(r["iteration"]): float(r[f"acc_step{step}"]) for r in rows if r["split"] == "val"}
+
+
+@pytest.fixture(scope="module")
+def rerun(real_omniglot_npy, tmp_path_factory):
+    """Run the reference command again, on the real data, into a temporary folder."""
+    data_path, _ = real_omniglot_npy
+    summary = json.loads((REFERENCE / "summary.json").read_text())
+    argv = shlex.split(summary["command"])[2:]  # drop "python maml_omniglot.py"
+    out = tmp_path_factory.mktemp("rerun")
+    argv[argv.index("--out") + 1] = str(out)
+    assert maml_omniglot.main(argv + ["--data", str(data_path), "--device", "cpu"]) == 0
+    return summary, out
+
+
+def test_validation_curve_matches_the_committed_reference(rerun):
+    summary, out = rerun
+    step = summary["config"]["update_step_test"]
+    expected = final_step_curve(REFERENCE / "log.csv", step)
+    measured = final_step_curve(out / "log.csv", step)
+    assert measured.keys() == expected.keys()
+    differences = {i: abs(measured[i] - expected[i]) for i in expected}
+    report = ", ".join(f"{i}: {measured[i]:.3f} vs {expected[i]:.3f}" for i in sorted(expected))
+    assert max(differences.values()) <= TOLERANCE, report
+    assert sum(differences.values()) / len(differences) <= MEAN_TOLERANCE, report
+
+
+def test_the_reference_run_learns_far_above_chance(rerun):
+    summary, out = rerun
+    test = json.loads((out / "summary.json").read_text())["test"]
+    assert test["tasks"] == 600
+    assert test["accs"][0] < 0.3  # before adaptation: labels are a fresh permutation per task
+    assert max(test["accs"][1:]) >= 0.60, test["accs"]
+    committed = summary["test"]["accs"][-1]
+    assert abs(test["accs"][-1] - committed) <= TOLERANCE, (test["accs"][-1], committed)
