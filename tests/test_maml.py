@@ -186,3 +186,18 @@ def test_forward_takes_an_adam_step_and_reports_step_accuracies():
     assert isinstance(loss, float) and np.isfinite(loss)
     assert all(not torch.equal(p, b) for p, b in zip(learner.net.parameters(), before))
 
+
+
+def test_unadapted_accuracy_at_initialisation_is_chance(real_omniglot_npy):
+    """Before any training, the step-0 accuracy on real tasks is 1/N: labels are a fresh permutation
+    per task, so nothing but adaptation can tell the classes apart. (Real learning on the real data is
+    checked by tests/test_regression.py: test accuracy above 60% after 500 meta-steps.)"""
+    from omniglot_nshot import OmniglotNShot
+
+    data_path, _ = real_omniglot_npy
+    torch.manual_seed(13)
+    data = OmniglotNShot(data_path, batchsz=50, n_way=5, k_shot=1, k_query=5, seed=0)
+    learner = MetaLearner(5, 1, update_lr=0.4, meta_lr=1e-3, update_step=1, update_step_test=1)
+    accs = np.concatenate([learner.finetunning(*data.next("val"), per_task=True) for _ in range(8)])
+    assert accs.shape == (400, 2)
+    assert abs(accs[:, 0].mean() - 0.2) < 0.03  # 400 tasks x 25 queries: standard error 0.004
