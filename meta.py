@@ -79,6 +79,7 @@ class MetaLearner(nn.Module):
         x_spt [T, N*K, 1, 28, 28], y_spt [T, N*K], x_qry [T, N*Q, 1, 28, 28], y_qry [T, N*Q].
         Returns (loss, accs): loss is the differentiable mean query cross-entropy after `update_step`
         steps, averaged over tasks; accs a numpy array of update_step + 1 accuracies.
+
         Only the last step's query forward is needed for the loss; the accuracies before it are
         measured without building a graph.
         """
@@ -106,8 +107,8 @@ class MetaLearner(nn.Module):
         """Adapt to test tasks for `update_step_test` steps and measure the query accuracy at each step.
 
         Takes one task (x [n, 1, 28, 28]) or a batch (x [T, n, 1, 28, 28]). The meta-parameters are
-        never changed: the adaptation starts from a detached copy of θ and is first order, since
-        nothing differentiates through it. Returns numpy [update_step_test + 1] averaged over the tasks,
+        never changed: the adaptation starts from a detached copy of θ, and its gradients are taken
+        without a graph, since nothing differentiates through them. Returns numpy [update_step_test + 1] averaged over the tasks,
         or [T, update_step_test + 1] with per_task=True.
         """
         if x_spt.dim() == 4:
