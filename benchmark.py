@@ -30,26 +30,11 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from maml_omniglot import SETTINGS
 from meta import MetaLearner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
-from reference_maml import reference_meta_loss  # noqa: E402  (the reference loop lives with the tests)
-
-SETTINGS = {  # n_way, k_shot, meta-batch, inner steps in training, inner learning rate, steps at test
-    "5w1s": (5, 1, 32, 1, 0.4, 3),
-    "5w5s": (5, 5, 32, 1, 0.4, 3),
-    "20w1s": (20, 1, 16, 5, 0.1, 5),
-    "20w5s": (20, 5, 16, 5, 0.1, 5),
-}
-
-
-def synthetic_tasks(tasks, n_way, k_shot, k_query, device, generator):
-    """Random images shaped as OmniglotNShot serves them, labels 0..N-1 shuffled per task."""
-    def labels(k):
-        return torch.stack([torch.randperm(n_way, generator=generator).repeat(k) for _ in range(tasks)])
-    x_spt = torch.rand(tasks, n_way * k_shot, 1, 28, 28, generator=generator)
-    x_qry = torch.rand(tasks, n_way * k_query, 1, 28, 28, generator=generator)
-    return [t.to(device) for t in (x_spt, labels(k_shot), x_qry, labels(k_query))]
+from reference_maml import random_tasks, reference_meta_loss  # noqa: E402  (the reference loop lives with the tests)
 
 
 def sync(device):
@@ -94,14 +79,16 @@ def main(argv=None):
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    n_way, k_shot, tasks, update_step, update_lr, update_step_test = SETTINGS[args.setting]
+    setting = SETTINGS[args.setting]
+    n_way, k_shot, tasks = setting["n_way"], setting["k_spt"], setting["task_num"]
+    update_step, update_lr, update_step_test = setting["update_step"], setting["update_lr"], setting["update_step_test"]
     k_query = k_shot
     if args.protocol == "public":
         update_step, k_query = 5, 15
     torch.manual_seed(0)
     learner = MetaLearner(n_way, k_shot, update_lr, 1e-3, update_step, update_step_test,
                           first_order=args.first_order).to(device)
-    batch = synthetic_tasks(tasks, n_way, k_shot, k_query, device, torch.Generator().manual_seed(0))
+    batch = [t.to(device) for t in random_tasks(tasks, n_way, k_shot, k_query, torch.Generator().manual_seed(0))]
 
     def fast_step():
         learner(*batch)

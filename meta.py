@@ -25,7 +25,6 @@ learner.py), and one `autograd.grad` of the summed support losses gives every ta
 because task i's loss depends only on task i's fast weights.
 """
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

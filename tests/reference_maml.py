@@ -11,6 +11,15 @@ import torch.nn.functional as F
 BN_EPS = 1e-3
 
 
+def random_tasks(tasks, n_way, k_shot, k_query, generator, dtype=torch.float32):
+    """Synthetic tasks shaped as OmniglotNShot serves them: random images, labels shuffled per task."""
+    def labels(k):
+        return torch.stack([torch.randperm(n_way, generator=generator).repeat(k) for _ in range(tasks)])
+    x_spt = torch.rand(tasks, n_way * k_shot, 1, 28, 28, generator=generator, dtype=dtype)
+    x_qry = torch.rand(tasks, n_way * k_query, 1, 28, 28, generator=generator, dtype=dtype)
+    return x_spt, labels(k_shot), x_qry, labels(k_query)
+
+
 def reference_forward(x, params):
     """One task, x [n, C, 28, 28], with a parameter list in BaseNet order -> logits [n, n_way]."""
     h = x

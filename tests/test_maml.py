@@ -8,16 +8,7 @@ import torch.nn.functional as F
 
 from learner import BaseNet
 from meta import MetaLearner
-from reference_maml import reference_forward, reference_meta_loss
-
-
-def random_tasks(tasks, n_way, k_shot, k_query, generator, dtype=torch.float32):
-    """Synthetic tasks shaped as OmniglotNShot serves them, labels shuffled per task."""
-    def labels(k):
-        return torch.stack([torch.randperm(n_way, generator=generator).repeat(k) for _ in range(tasks)])
-    x_spt = torch.rand(tasks, n_way * k_shot, 1, 28, 28, generator=generator, dtype=dtype)
-    x_qry = torch.rand(tasks, n_way * k_query, 1, 28, 28, generator=generator, dtype=dtype)
-    return x_spt, labels(k_shot), x_qry, labels(k_query)
+from reference_maml import random_tasks, reference_forward, reference_meta_loss
 
 
 def test_basenet_shapes_and_parameter_order():
