@@ -241,7 +241,8 @@ def atomic_write(path, data):
         os.close(fd)
 
 
-def log_columns(n_steps):
+def log_columns(cfg):
+    n_steps = max(cfg["update_step"], cfg["update_step_test"]) + 1  # accuracies after 0..S inner steps
     return (["iteration", "split"] + [f"acc_step{s}" for s in range(n_steps)]
             + [f"ci95_step{s}" for s in range(n_steps)] + ["loss", "elapsed_s"])
 
@@ -255,9 +256,9 @@ def make_row(iteration, split, accs, ci95, loss, elapsed):
     return row
 
 
-def write_log(path, rows, n_steps):
+def write_log(path, rows, cfg):
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=log_columns(n_steps), restval="", lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=log_columns(cfg), restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(path, buf.getvalue().encode())
@@ -359,7 +360,6 @@ def train(cfg, learner, data, state, paths):
     in place and returned. A checkpoint adds the config, the network, the Adam state, the RNG states of
     python, numpy and torch, and the task sampler's state.
     """
-    n_steps = max(cfg["update_step"], cfg["update_step_test"]) + 1
     segment_start = time.monotonic()
     elapsed_at_start = state["elapsed_s"]
 
@@ -394,7 +394,7 @@ def train(cfg, learner, data, state, paths):
                                        desc=f"{cfg['n_way']}-way {cfg['k_spt']}-shot") as bar:
         if start == 0 and not state["log"]:
             val_acc = validate(0)
-            write_log(paths["log"], state["log"], n_steps)
+            write_log(paths["log"], state["log"], cfg)
             after(0, stop)
         for iteration in range(start + 1, cfg["iterations"] + 1):
             t = time.monotonic()
@@ -414,7 +414,7 @@ def train(cfg, learner, data, state, paths):
                                              window["loss"] / window["count"], elapsed()))
                 state["window"] = empty_window(cfg)
                 val_acc = validate(iteration)
-                write_log(paths["log"], state["log"], n_steps)
+                write_log(paths["log"], state["log"], cfg)
                 tqdm.write(f"iteration {iteration}: query accuracy train {train_accs[-1]:.3f} (after "
                            f"{cfg['update_step']} inner steps), val {val_acc:.3f} (after {cfg['update_step_test']})")
             bar.set_postfix(train_acc=f"{ema:.3f}", val_acc=f"{val_acc:.3f}", refresh=False)
@@ -597,12 +597,11 @@ def main(argv=None):
               file=sys.stderr)
         return 1
 
-    n_steps = max(cfg["update_step"], cfg["update_step_test"]) + 1
     test_start = time.monotonic()
     test_accs, test_ci = evaluate(learner, data, "test", cfg["test_tasks"])
     state["elapsed_s"] += time.monotonic() - test_start
     write_log(paths["log"], state["log"] + [make_row(cfg["iterations"], "test", test_accs, test_ci, None,
-                                                     state["elapsed_s"])], n_steps)
+                                                     state["elapsed_s"])], cfg)
     print(f"test accuracy over {cfg['test_tasks']} tasks, after 0..{cfg['update_step_test']} inner steps: "
           + ", ".join(f"{100 * a:.2f}% ± {100 * c:.2f}" for a, c in zip(test_accs, test_ci)))
     write_summary(paths["summary"], cfg, state, test_accs, test_ci, command)
