@@ -1,10 +1,12 @@
-"""Shared test fixtures: no network, fake Omniglot zips, and a fake data/omniglot.npy.
+"""Shared test fixtures and helpers: no network, fake Omniglot zips, fake and real
+data/omniglot.npy arrays, and reading a run's log.csv.
 
-Tests never touch the real data (except the one real-data test, which reads ../shared/omniglot)
-and never write into the repository: everything goes to pytest's tmp_path.
+The real data are read only from ../shared/omniglot (tests that need them skip without it), and
+tests never write into the repository: everything goes to pytest's tmp_path.
 """
 
 import io
+import os
 import time
 import urllib.error
 import urllib.request
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+import maml_omniglot
 import preprocess_omniglot
 
 # The real zips, beside the repository as in CI (../shared/omniglot); tests that need them skip without.
@@ -24,6 +27,13 @@ REAL_ZIPS = Path(__file__).resolve().parents[1].parent / "shared" / "omniglot"
 # {alphabet: number of characters}
 FAKE_BACKGROUND = {"Zulu_Script": 2, "Alpha_Script": 1, "Mid_Script": 2}  # 5 characters
 FAKE_EVALUATION = {"Omega_Script": 1, "Beta_Script": 2}  # 3 characters
+
+
+def log_rows(out, drop=("elapsed_s",)):
+    """The rows of out/log.csv without the `drop` columns; by default without elapsed_s, the one
+    column (wall-clock time) that cannot repeat between runs."""
+    return [{k: v for k, v in row.items() if k not in drop}
+            for row in maml_omniglot.read_log(os.path.join(out, "log.csv"))]
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,6 @@ fake array from conftest.py, so the whole file takes seconds. The subprocess kil
 test_resume.py. Torch runs on one thread here: for such tiny batches a second thread only adds
 synchronisation, which costs up to 100x when other processes compete for the cores.
 """
-import csv
 import json
 import os
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 import maml_omniglot
+from conftest import log_rows
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,11 +27,6 @@ def one_thread():
 def tiny_args(data, out, *extra):
     return ["--data", str(data), "--out", str(out), "--device", "cpu", "--task-num", "2", "--iterations", "6",
             "--eval-every", "3", "--eval-tasks", "4", "--test-tasks", "4", "--checkpoint-every", "2", *extra]
-
-
-def read_rows(out, drop=("elapsed_s",)):
-    with open(os.path.join(out, "log.csv"), newline="") as f:
-        return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
 
 
 def exit_code_and_stderr(argv, capsys):
@@ -126,7 +121,7 @@ def test_an_array_of_the_wrong_shape_fails_clearly(tmp_path, capsys):
 
 
 def test_a_run_writes_log_summary_and_plot(finished_run, learnable_omniglot_npy):
-    rows = read_rows(finished_run, drop=())
+    rows = log_rows(finished_run, drop=())
     assert list(rows[0]) == (["iteration", "split"] + [f"acc_step{s}" for s in range(4)]
                              + [f"ci95_step{s}" for s in range(4)] + ["loss", "elapsed_s"])
     assert [(r["iteration"], r["split"]) for r in rows] == [
@@ -159,9 +154,9 @@ def test_a_run_writes_log_summary_and_plot(finished_run, learnable_omniglot_npy)
 
 def test_same_seed_same_log_other_seed_other_log(finished_run, learnable_omniglot_npy, tmp_path):
     assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, tmp_path / "again")) == 0
-    assert read_rows(tmp_path / "again") == read_rows(finished_run)
+    assert log_rows(tmp_path / "again") == log_rows(finished_run)
     assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, tmp_path / "seed1", "--seed", "1")) == 0
-    assert read_rows(tmp_path / "seed1") != read_rows(finished_run)
+    assert log_rows(tmp_path / "seed1") != log_rows(finished_run)
 
 
 def test_plot_only_redraws_from_the_log(finished_run, tmp_path):
@@ -197,7 +192,7 @@ def test_nan_loss_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(
     assert "error: meta-loss is nan at iteration 5; stopping" in err
     assert f"the last good checkpoint ({out / 'checkpoint.pt'}) is kept" in err
     assert torch.load(out / "checkpoint.pt", weights_only=False)["iteration"] == 4
-    assert [r["iteration"] for r in read_rows(out)] == ["0", "3", "3"]
+    assert [r["iteration"] for r in log_rows(out)] == ["0", "3", "3"]
     assert not (out / "summary.json").exists()
 
 
@@ -244,5 +239,5 @@ def test_resuming_a_finished_run_only_repeats_the_test(finished_run, learnable_o
     out.mkdir()
     (out / "checkpoint.pt").write_bytes((finished_run / "checkpoint.pt").read_bytes())
     assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, out, "--resume")) == 0
-    assert read_rows(out) == read_rows(finished_run)
+    assert log_rows(out) == log_rows(finished_run)
     assert json.loads((out / "summary.json").read_text())["resumed_at_iterations"] == [6]

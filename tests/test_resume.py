@@ -6,7 +6,6 @@ Kill points: before any checkpoint exists (start-up), at iterations spread over 
 progress bar the process prints), and after the last iteration (during the test). Each test prints the
 iteration its checkpoint held when the process died (pytest -s shows it).
 """
-import csv
 import os
 import random
 import re
@@ -18,6 +17,8 @@ import time
 
 import pytest
 import torch
+
+from conftest import log_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITERATIONS = 24
@@ -32,11 +33,6 @@ def command(data, out, *extra):
 def environment():
     # One torch thread: see test_experiment.py. Determinism holds for any fixed thread count.
     return dict(os.environ, OMP_NUM_THREADS="1")
-
-
-def rows_without_elapsed(out):
-    with open(os.path.join(out, "log.csv"), newline="") as f:
-        return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in csv.DictReader(f)]
 
 
 def checkpoint_iteration(out):
@@ -79,13 +75,13 @@ def uninterrupted(learnable_omniglot_npy, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted") / "out"
     code, err = Process(command(learnable_omniglot_npy, out)).finish()
     assert code == 0, err
-    return rows_without_elapsed(out)
+    return log_rows(out)
 
 
 def resume_and_compare(data, out, expected):
     code, err = Process(command(data, out, "--resume")).finish()
     assert code == 0, err
-    assert rows_without_elapsed(out) == expected
+    assert log_rows(out) == expected
 
 
 # "start-up": killed 0.3 s after launch, before the first checkpoint; "random": a new iteration each
