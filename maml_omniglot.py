@@ -20,8 +20,12 @@ Outputs in --out (each written atomically: temporary file, then os.replace):
                 at iteration 0 (the untrained initialisation, for reference) and every --eval-every
                 iterations; the test row is --test-tasks test tasks after training, the only time the
                 test classes are seen. val and test rows have no loss.
-  summary.json  the test accuracies with 95% intervals, the config, git commit, command, versions, device,
-                wall time and meta-iterations per second.
+  summary.json  the record of the run: status ("in progress" or "finished"), the iterations done, the
+                last validation, the test accuracies with 95% intervals (once finished), the config,
+                seed, command, git commit, versions, device, wall time, meta-iterations per second, and
+                one entry per segment (a process that started or resumed the run) with its own
+                iterations, command, commit, device and wall time. Rewritten at every checkpoint, so an
+                unfinished run always has an up-to-date record of where it is and what produced it.
   curves.png    validation accuracy over iterations per adaptation step, and the test accuracy per step.
   checkpoint.pt everything needed to continue the run exactly (see train()), written every
                 --checkpoint-every iterations, at the last one, and on SIGINT/SIGTERM (the run then
@@ -72,7 +76,7 @@ COMMON = dict(meta_lr=1e-3, iterations=60000)  # and k_qry = k_spt, 600 test tas
 RESUMABLE_CHANGES = ("data", "out", "device", "checkpoint_every")
 
 CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the state holds per-segment provenance ("segments")
 
 # ----------------------------------------------------------------------------------------------------
 # Command line
@@ -296,6 +300,10 @@ def save_checkpoint(path, state):
     atomic_write(path, buf.getvalue())
 
 
+class OldFormat(Exception):
+    pass
+
+
 def load_checkpoint(path, cfg, parser):
     """Read and check a checkpoint before any data is loaded; refuse (exit 2) if unusable.
 
@@ -304,12 +312,18 @@ def load_checkpoint(path, cfg, parser):
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)  # holds numpy RNG state
+        if state.get("format") == 1:
+            raise OldFormat()
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"unknown format {state.get('format')!r}")
         for key in ("config", "iteration", "learner", "meta_optim", "rng", "data", "log", "window",
-                    "elapsed_s", "train_s", "resumed_at"):
+                    "elapsed_s", "train_s", "segments"):
             if key not in state:
                 raise KeyError(f"missing {key!r}")
+    except OldFormat:
+        parser.error(f"{path} was written by an older maml_omniglot.py (checkpoint format 1, which did not "
+                     f"record where each segment of the run ran); resume it with the commit that wrote it, "
+                     f"or move it away to start over")
     except Exception as e:  # a truncated zip, random bytes, a foreign pickle: all refused the same way
         reason = (str(e).strip().splitlines() or [""])[0]
         parser.error(f"{path} is corrupt or truncated ({type(e).__name__}: {reason}); refusing to resume "
@@ -356,9 +370,10 @@ def train(cfg, learner, data, state, paths):
     """Meta-train from state["iteration"] to cfg["iterations"], logging, validating and checkpointing.
 
     `state` holds the iteration, the log rows, the running sums of the current train-row window,
-    the elapsed and training seconds, and the iterations at which the run was resumed; it is updated
-    in place and returned. A checkpoint adds the config, the network, the Adam state, the RNG states of
-    python, numpy and torch, and the task sampler's state.
+    the elapsed and training seconds, and the segments (one per process that ran part of the run, the
+    last one this process); it is updated in place and returned. A checkpoint adds the config, the
+    network, the Adam state, the RNG states of python, numpy and torch, and the task sampler's state,
+    and is followed by an "in progress" summary.json that describes exactly what the checkpoint holds.
     """
     segment_start = time.monotonic()
     elapsed_at_start = state["elapsed_s"]
@@ -373,9 +388,11 @@ def train(cfg, learner, data, state, paths):
 
     def checkpoint(iteration):
         state.update(iteration=iteration, elapsed_s=elapsed())
+        state["segments"][-1].update(to_iteration=iteration, wall_time_s=round(elapsed() - elapsed_at_start, 3))
         save_checkpoint(paths["checkpoint"], dict(
             state, format=CHECKPOINT_FORMAT, config=cfg, learner=learner.state_dict(),
             meta_optim=learner.meta_optim.state_dict(), rng=rng_states(), data=data.state_dict()))
+        write_summary(paths["summary"], cfg, state)
 
     def after(iteration, stop):
         if iteration % cfg["checkpoint_every"] == 0 or iteration == cfg["iterations"] or stop.signum:
@@ -421,6 +438,8 @@ def train(cfg, learner, data, state, paths):
             bar.update(1)
             after(iteration, stop)
     state["elapsed_s"] = elapsed()
+    state["segments"][-1].update(to_iteration=cfg["iterations"],
+                                 wall_time_s=round(state["elapsed_s"] - elapsed_at_start, 3))
     return state
 
 
@@ -458,25 +477,62 @@ def device_description(device):
     return platform.processor() or platform.machine()
 
 
-def write_summary(path, cfg, state, test_accs, test_ci, command):
-    """summary.json. wall_time_s counts training, validation and test over all resumed segments (not start-up,
-    data loading, or the work lost after the last checkpoint); meta_iterations_per_s divides the iterations by
-    the time spent sampling tasks and taking meta-steps, without validation and test."""
+def new_segment(iteration, cfg, command):
+    """The record of one process that runs part of the run, from `iteration` on: what ran, where, when.
+
+    A run resumed across machines, thread counts or commits is still one run, but it was not produced
+    by one command at one commit; its summary.json lists every segment, so that nothing is hidden.
+    """
+    return {"from_iteration": iteration, "to_iteration": iteration, "command": command, "git": git_info(),
+            "device": {"type": torch.device(cfg["device"]).type, "name": device_description(cfg["device"]),
+                       "cpu_threads": torch.get_num_threads()},
+            "torch": torch.__version__, "python": platform.python_version(),
+            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_time_s": 0.0}
+
+
+def describe_changes(previous, current):
+    """What differs between two segments in ways that change floating-point rounding (or the code)."""
+    changes = []
+    if previous["git"]["commit"] != current["git"]["commit"]:
+        changes.append(f"commit {str(previous['git']['commit'])[:10]} -> {str(current['git']['commit'])[:10]}")
+    for key in ("name", "cpu_threads"):
+        if previous["device"][key] != current["device"][key]:
+            changes.append(f"{key.replace('_', ' ')} {previous['device'][key]} -> {current['device'][key]}")
+    if previous["torch"] != current["torch"]:
+        changes.append(f"torch {previous['torch']} -> {current['torch']}")
+    return changes
+
+
+def write_summary(path, cfg, state, test_accs=None, test_ci=None):
+    """summary.json: "in progress" after every checkpoint (describing exactly the checkpoint), then
+    "finished" with the test accuracies. The top-level command, git, versions and device are those of
+    the latest segment; "segments" has them all. wall_time_s counts training, validation and test over
+    all segments (not start-up, data loading, or the work lost after a checkpoint); meta_iterations_per_s
+    divides the iterations done by the time spent sampling tasks and taking meta-steps."""
+    finished = test_accs is not None
+    val_rows = [row for row in state["log"] if row["split"] == "val"]
+    steps = range(cfg["update_step_test"] + 1)
+    last_val = val_rows[-1] if val_rows else None
+    latest = state["segments"][-1]
     summary = {
+        "status": "finished" if finished else "in progress",
+        "iteration": state["iteration"],
         "test": {"accs": [float(a) for a in test_accs], "ci95": [float(c) for c in test_ci],
-                 "tasks": cfg["test_tasks"]},
+                 "tasks": cfg["test_tasks"]} if finished else None,
+        "last_validation": None if last_val is None else {
+            "iteration": last_val["iteration"], "tasks": cfg["eval_tasks"],
+            "accs": [last_val[f"acc_step{s}"] for s in steps], "ci95": [last_val[f"ci95_step{s}"] for s in steps]},
         "config": cfg,
         "seed": cfg["seed"],
-        "git": git_info(),
-        "command": command,
-        "resumed_at_iterations": state["resumed_at"],
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": {"type": torch.device(cfg["device"]).type, "name": device_description(cfg["device"]),
-                   "cpu_threads": torch.get_num_threads()},
+        "command": latest["command"],
+        "git": latest["git"],
+        "torch": latest["torch"],
+        "python": latest["python"],
+        "device": latest["device"],
+        "segments": state["segments"],
         "wall_time_s": round(state["elapsed_s"], 3),
         "train_time_s": round(state["train_s"], 3),
-        "meta_iterations_per_s": round(cfg["iterations"] / state["train_s"], 3) if state["train_s"] else None,
+        "meta_iterations_per_s": round(state["iteration"] / state["train_s"], 3) if state["train_s"] else None,
     }
     atomic_write(path, (json.dumps(summary, indent=2) + "\n").encode())
 
@@ -578,16 +634,23 @@ def main(argv=None):
     learner = MetaLearner(cfg["n_way"], cfg["k_spt"], cfg["update_lr"], cfg["meta_lr"], cfg["update_step"],
                           cfg["update_step_test"], first_order=cfg["first_order"]).to(cfg["device"])
     state = {"iteration": 0, "log": [], "window": empty_window(cfg), "elapsed_s": 0.0, "train_s": 0.0,
-             "resumed_at": []}
+             "segments": []}
     if checkpoint is not None:
         learner.load_state_dict(checkpoint["learner"])
         learner.meta_optim.load_state_dict(checkpoint["meta_optim"])
         data.load_state_dict(checkpoint["data"])
         set_rng_states(checkpoint["rng"])
         state = {k: checkpoint[k] for k in state}
-        state["resumed_at"] = state["resumed_at"] + [state["iteration"]]
         print(f"resuming from {paths['checkpoint']} at iteration {state['iteration']}", file=sys.stderr)
+    state["segments"].append(new_segment(state["iteration"], cfg, command))
+    if len(state["segments"]) > 1:
+        changes = describe_changes(state["segments"][-2], state["segments"][-1])
+        if changes:
+            print(f"note: this segment differs from the previous one ({'; '.join(changes)}): the run continues "
+                  f"correctly, but not bit for bit as it would have; summary.json records both",
+                  file=sys.stderr)
 
+    segment_began = state["elapsed_s"]
     try:
         state = train(cfg, learner, data, state, paths)
     except NonFiniteLoss as e:
@@ -600,11 +663,12 @@ def main(argv=None):
     test_start = time.monotonic()
     test_accs, test_ci = evaluate(learner, data, "test", cfg["test_tasks"])
     state["elapsed_s"] += time.monotonic() - test_start
+    state["segments"][-1]["wall_time_s"] = round(state["elapsed_s"] - segment_began, 3)
     write_log(paths["log"], state["log"] + [make_row(cfg["iterations"], "test", test_accs, test_ci, None,
                                                      state["elapsed_s"])], cfg)
     print(f"test accuracy over {cfg['test_tasks']} tasks, after 0..{cfg['update_step_test']} inner steps: "
           + ", ".join(f"{100 * a:.2f}% ± {100 * c:.2f}" for a, c in zip(test_accs, test_ci)))
-    write_summary(paths["summary"], cfg, state, test_accs, test_ci, command)
+    write_summary(paths["summary"], cfg, state, test_accs, test_ci)
     plot_curves(paths["log"], paths["curves"], os.path.basename(os.path.normpath(cfg["out"])))
     return 0
 

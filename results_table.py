@@ -23,16 +23,36 @@ PAPER = {  # Finn et al. 2017, Table 1, Omniglot, MAML (second order)
 }
 
 
+def unique(values):
+    return list(dict.fromkeys(values))
+
+
 def describe(summary):
-    """Ours (accuracy after update_step_test steps, with its 95% interval), iterations, wall time, device."""
-    test, cfg = summary["test"], summary["config"]
-    hours = summary["wall_time_s"] / 3600
-    device = summary["device"]["name"]
-    if summary["device"]["type"] == "cpu":
-        device += f", {summary['device']['cpu_threads']} threads"
-    commit = (summary["git"]["commit"] or "unknown")[:10]
-    return (f"{100 * test['accs'][-1]:.1f} ± {100 * test['ci95'][-1]:.1f} % ({test['tasks']} tasks)",
-            f"{cfg['iterations']:,}", f"{hours:.2f} h", device, commit)
+    """Ours (accuracy after update_step_test steps, with its 95% interval), iterations, wall time, device, commit.
+
+    A run still in progress shows its last validation instead, and how far it has got. A run resumed on
+    other devices or at other commits lists each one (summary.json's "segments"; older summaries have none).
+    """
+    cfg = summary["config"]
+    if summary.get("status", "finished") == "finished":
+        test = summary["test"]
+        ours = f"{100 * test['accs'][-1]:.1f} ± {100 * test['ci95'][-1]:.1f} % ({test['tasks']} tasks)"
+        iterations = f"{cfg['iterations']:,}"
+    else:
+        val = summary["last_validation"]
+        ours = (f"in progress: validation {100 * val['accs'][-1]:.1f} ± {100 * val['ci95'][-1]:.1f} % "
+                f"at iteration {val['iteration']:,}")
+        iterations = f"{summary['iteration']:,} of {cfg['iterations']:,}"
+    segments = summary.get("segments") or [summary]
+    devices = []
+    for segment in segments:
+        device = segment["device"]["name"]
+        if segment["device"]["type"] == "cpu":
+            device += f", {segment['device']['cpu_threads']} threads"
+        devices.append(device)
+    commits = [(segment["git"]["commit"] or "unknown")[:10] for segment in segments]
+    return (ours, iterations, f"{summary['wall_time_s'] / 3600:.2f} h", "; ".join(unique(devices)),
+            ", ".join(unique(commits)))
 
 
 def table():

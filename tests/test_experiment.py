@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import maml_omniglot
+import results_table
 from conftest import log_rows
 
 
@@ -145,7 +146,14 @@ def test_a_run_writes_log_summary_and_plot(finished_run, learnable_omniglot_npy)
     assert summary["torch"] == torch.__version__ and summary["device"]["type"] == "cpu"
     assert summary["device"]["name"]
     assert summary["wall_time_s"] > 0 and summary["meta_iterations_per_s"] > 0
-    assert summary["resumed_at_iterations"] == []
+    assert summary["status"] == "finished" and summary["iteration"] == 6
+    val_row = [r for r in rows if r["split"] == "val"][-1]
+    assert summary["last_validation"]["accs"] == [float(val_row[f"acc_step{s}"]) for s in range(4)]
+    [segment] = summary["segments"]
+    assert (segment["from_iteration"], segment["to_iteration"]) == (0, 6)
+    assert segment["command"] == summary["command"] and segment["git"] == summary["git"]
+    assert segment["device"] == summary["device"] and segment["device"]["cpu_threads"] == 1
+    assert 0 < segment["wall_time_s"] <= summary["wall_time_s"] + 1e-3
 
     assert (finished_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (finished_run / "checkpoint.pt").exists()
@@ -193,7 +201,13 @@ def test_nan_loss_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(
     assert f"the last good checkpoint ({out / 'checkpoint.pt'}) is kept" in err
     assert torch.load(out / "checkpoint.pt", weights_only=False)["iteration"] == 4
     assert [r["iteration"] for r in log_rows(out)] == ["0", "3", "3"]
-    assert not (out / "summary.json").exists()
+    summary = json.loads((out / "summary.json").read_text())  # describes the checkpoint that was kept
+    assert summary["status"] == "in progress" and summary["iteration"] == 4 and summary["test"] is None
+    assert summary["last_validation"]["iteration"] == 3
+    assert [(s["from_iteration"], s["to_iteration"]) for s in summary["segments"]] == [(0, 4)]
+    ours, iterations = results_table.describe(summary)[:2]
+    assert ours.startswith("in progress: validation ") and ours.endswith(" % at iteration 3")
+    assert iterations == "4 of 6"
 
 
 def test_resume_with_another_configuration_is_refused_naming_the_values(finished_run, tmp_path, capsys,
@@ -218,7 +232,7 @@ def test_corrupt_checkpoint_is_refused_and_left_alone(damage, finished_run, lear
     bad = {"truncated": good[: len(good) // 2], "garbage": os.urandom(5000), "empty": b"",
            "foreign": None}[damage]
     if bad is None:
-        torch.save({"format": 1, "iteration": 3}, out / "checkpoint.pt")
+        torch.save({"format": maml_omniglot.CHECKPOINT_FORMAT, "iteration": 3}, out / "checkpoint.pt")
         bad = (out / "checkpoint.pt").read_bytes()
     else:
         (out / "checkpoint.pt").write_bytes(bad)
@@ -227,6 +241,20 @@ def test_corrupt_checkpoint_is_refused_and_left_alone(damage, finished_run, lear
     assert f"{out / 'checkpoint.pt'} is corrupt or truncated" in err and "refusing to resume" in err
     assert (out / "checkpoint.pt").read_bytes() == bad
     assert sorted(os.listdir(out)) == ["checkpoint.pt"]
+
+
+def test_a_checkpoint_of_the_old_format_is_refused_saying_why(finished_run, learnable_omniglot_npy, tmp_path,
+                                                              capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    old = torch.load(finished_run / "checkpoint.pt", weights_only=False)
+    old["format"] = 1
+    del old["segments"]
+    torch.save(old, out / "checkpoint.pt")
+    code, err = exit_code_and_stderr(tiny_args(learnable_omniglot_npy, out, "--resume"), capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "was written by an older maml_omniglot.py (checkpoint format 1" in err
+    assert "resume it with the commit that wrote it, or move it away to start over" in err
 
 
 def test_an_existing_checkpoint_needs_resume(finished_run, learnable_omniglot_npy, capsys, no_training):
@@ -240,4 +268,22 @@ def test_resuming_a_finished_run_only_repeats_the_test(finished_run, learnable_o
     (out / "checkpoint.pt").write_bytes((finished_run / "checkpoint.pt").read_bytes())
     assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, out, "--resume")) == 0
     assert log_rows(out) == log_rows(finished_run)
-    assert json.loads((out / "summary.json").read_text())["resumed_at_iterations"] == [6]
+    segments = json.loads((out / "summary.json").read_text())["segments"]
+    assert [(s["from_iteration"], s["to_iteration"]) for s in segments] == [(0, 6), (6, 6)]
+
+
+def test_a_resumed_segment_that_runs_differently_is_recorded_and_announced(finished_run, learnable_omniglot_npy,
+                                                                         tmp_path, capsys):
+    out = tmp_path / "copy"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes((finished_run / "checkpoint.pt").read_bytes())
+    torch.set_num_threads(2)
+    try:
+        assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, out, "--resume")) == 0
+    finally:
+        torch.set_num_threads(1)
+    assert "note: this segment differs from the previous one (cpu threads 1 -> 2)" in capsys.readouterr().err
+    segments = json.loads((out / "summary.json").read_text())["segments"]
+    assert [s["device"]["cpu_threads"] for s in segments] == [1, 2]
+    assert results_table.describe(json.loads((out / "summary.json").read_text()))[3].endswith(
+        ", 1 threads; " + segments[1]["device"]["name"] + ", 2 threads")

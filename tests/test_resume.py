@@ -6,6 +6,7 @@ Kill points: before any checkpoint exists (start-up), at iterations spread over 
 progress bar the process prints), and after the last iteration (during the test). Each test prints the
 iteration its checkpoint held when the process died (pytest -s shows it).
 """
+import json
 import os
 import random
 import re
@@ -82,6 +83,11 @@ def resume_and_compare(data, out, expected):
     code, err = Process(command(data, out, "--resume")).finish()
     assert code == 0, err
     assert log_rows(out) == expected
+    # summary.json's segments cover the run without gap or overlap: each resumed where the last checkpoint was
+    summary = json.loads((out / "summary.json").read_text())
+    spans = [(segment["from_iteration"], segment["to_iteration"]) for segment in summary["segments"]]
+    assert summary["status"] == "finished" and spans[0][0] == 0 and spans[-1][1] == ITERATIONS
+    assert all(earlier[1] == later[0] for earlier, later in zip(spans, spans[1:])), spans
 
 
 # "start-up": killed 0.3 s after launch, before the first checkpoint; "random": a new iteration each
@@ -117,5 +123,8 @@ def test_sigterm_checkpoints_the_current_iteration_and_exits(uninterrupted, lear
     stopped = checkpoint_iteration(out)
     assert 8 <= stopped < ITERATIONS
     assert f"SIGTERM at iteration {stopped}: checkpoint saved to {out / 'checkpoint.pt'}" in err
+    summary = json.loads((out / "summary.json").read_text())  # where the run stands, as the checkpoint holds it
+    assert summary["status"] == "in progress" and summary["iteration"] == stopped
+    assert [(s["from_iteration"], s["to_iteration"]) for s in summary["segments"]] == [(0, stopped)]
     print(f"\nSIGTERM after progress 8: checkpoint at iteration {stopped}")
     resume_and_compare(learnable_omniglot_npy, out, uninterrupted)
