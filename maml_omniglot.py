@@ -300,10 +300,6 @@ def save_checkpoint(path, state):
     atomic_write(path, buf.getvalue())
 
 
-class OldFormat(Exception):
-    pass
-
-
 def load_checkpoint(path, cfg, parser):
     """Read and check a checkpoint before any data is loaded; refuse (exit 2) if unusable.
 
@@ -312,18 +308,16 @@ def load_checkpoint(path, cfg, parser):
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)  # holds numpy RNG state
-        if state.get("format") == 1:
-            raise OldFormat()
+        if state.get("format") == 1:  # parser.error exits: SystemExit passes the except below
+            parser.error(f"{path} was written by an older maml_omniglot.py (checkpoint format 1, which did "
+                         f"not record where each segment of the run ran); resume it with the commit that "
+                         f"wrote it, or move it away to start over")
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"unknown format {state.get('format')!r}")
         for key in ("config", "iteration", "learner", "meta_optim", "rng", "data", "log", "window",
                     "elapsed_s", "train_s", "segments"):
             if key not in state:
                 raise KeyError(f"missing {key!r}")
-    except OldFormat:
-        parser.error(f"{path} was written by an older maml_omniglot.py (checkpoint format 1, which did not "
-                     f"record where each segment of the run ran); resume it with the commit that wrote it, "
-                     f"or move it away to start over")
     except Exception as e:  # a truncated zip, random bytes, a foreign pickle: all refused the same way
         reason = (str(e).strip().splitlines() or [""])[0]
         parser.error(f"{path} is corrupt or truncated ({type(e).__name__}: {reason}); refusing to resume "
@@ -438,8 +432,6 @@ def train(cfg, learner, data, state, paths):
             bar.update(1)
             after(iteration, stop)
     state["elapsed_s"] = elapsed()
-    state["segments"][-1].update(to_iteration=cfg["iterations"],
-                                 wall_time_s=round(state["elapsed_s"] - elapsed_at_start, 3))
     return state
 
 

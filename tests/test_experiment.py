@@ -262,10 +262,15 @@ def test_an_existing_checkpoint_needs_resume(finished_run, learnable_omniglot_np
     assert code == 2 and "already holds checkpoint.pt: add --resume" in err
 
 
-def test_resuming_a_finished_run_only_repeats_the_test(finished_run, learnable_omniglot_npy, tmp_path):
+def copy_of_finished_checkpoint(finished_run, tmp_path):
     out = tmp_path / "copy"
     out.mkdir()
     (out / "checkpoint.pt").write_bytes((finished_run / "checkpoint.pt").read_bytes())
+    return out
+
+
+def test_resuming_a_finished_run_only_repeats_the_test(finished_run, learnable_omniglot_npy, tmp_path):
+    out = copy_of_finished_checkpoint(finished_run, tmp_path)
     assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, out, "--resume")) == 0
     assert log_rows(out) == log_rows(finished_run)
     segments = json.loads((out / "summary.json").read_text())["segments"]
@@ -274,16 +279,14 @@ def test_resuming_a_finished_run_only_repeats_the_test(finished_run, learnable_o
 
 def test_a_resumed_segment_that_runs_differently_is_recorded_and_announced(finished_run, learnable_omniglot_npy,
                                                                          tmp_path, capsys):
-    out = tmp_path / "copy"
-    out.mkdir()
-    (out / "checkpoint.pt").write_bytes((finished_run / "checkpoint.pt").read_bytes())
+    out = copy_of_finished_checkpoint(finished_run, tmp_path)
     torch.set_num_threads(2)
     try:
         assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, out, "--resume")) == 0
     finally:
         torch.set_num_threads(1)
     assert "note: this segment differs from the previous one (cpu threads 1 -> 2)" in capsys.readouterr().err
-    segments = json.loads((out / "summary.json").read_text())["segments"]
-    assert [s["device"]["cpu_threads"] for s in segments] == [1, 2]
-    assert results_table.describe(json.loads((out / "summary.json").read_text()))[3].endswith(
-        ", 1 threads; " + segments[1]["device"]["name"] + ", 2 threads")
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["device"]["cpu_threads"] for s in summary["segments"]] == [1, 2]
+    assert results_table.describe(summary)[3].endswith(
+        ", 1 threads; " + summary["segments"][1]["device"]["name"] + ", 2 threads")
