@@ -1,0 +1,48 @@
+"""An unfinished paper run in results/ can be continued from the repository alone.
+
+While results/<setting>/summary.json says "in progress", the run's checkpoint is committed as
+in-progress/<setting>/checkpoint.pt (see in-progress/README.md). It must be the checkpoint that the
+committed summary.json and log.csv describe: same iteration, same log rows, same segments, and one
+that maml_omniglot.py accepts for --resume with the run's configuration. A finished run leaves no
+checkpoint behind.
+"""
+
+import json
+from pathlib import Path
+
+import maml_omniglot
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def summaries():
+    """{run folder name: summary} for every results/*/summary.json."""
+    return {path.parent.name: json.loads(path.read_text()) for path in sorted((ROOT / "results").glob("*/summary.json"))}
+
+
+def carried_checkpoint(name):
+    return ROOT / "in-progress" / name / maml_omniglot.CHECKPOINT
+
+
+def test_every_unfinished_run_is_continued_by_its_committed_checkpoint(tmp_path):
+    for name, summary in summaries().items():
+        if summary.get("status", "finished") != "in progress":  # older summaries have no status
+            continue
+        path = carried_checkpoint(name)
+        assert path.is_file(), f"results/{name} is in progress but {path.relative_to(ROOT)} is not committed"
+        checkpoint = maml_omniglot.load_checkpoint(str(path), summary["config"], maml_omniglot.build_parser())
+        assert checkpoint["iteration"] == summary["iteration"]
+        assert checkpoint["segments"] == summary["segments"]
+        # The log inside the checkpoint, written the way the run writes log.csv, is the committed log.csv.
+        rewritten = tmp_path / f"{name}.csv"
+        maml_omniglot.write_log(str(rewritten), checkpoint["log"], checkpoint["config"])
+        assert rewritten.read_bytes() == (ROOT / "results" / name / "log.csv").read_bytes()
+
+
+def test_no_checkpoint_is_carried_for_a_finished_or_missing_run():
+    runs = summaries()
+    for path in sorted((ROOT / "in-progress").glob(f"*/{maml_omniglot.CHECKPOINT}")):
+        name = path.parent.name
+        assert name in runs, f"{path.relative_to(ROOT)} has no results/{name}/summary.json"
+        assert runs[name].get("status") == "in progress", f"results/{name} has finished: delete {path.relative_to(ROOT)}"
+
