@@ -45,4 +45,3 @@ def test_no_checkpoint_is_carried_for_a_finished_or_missing_run():
         name = path.parent.name
         assert name in runs, f"{path.relative_to(ROOT)} has no results/{name}/summary.json"
         assert runs[name].get("status") == "in progress", f"results/{name} has finished: delete {path.relative_to(ROOT)}"
-
