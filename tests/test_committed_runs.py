@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def summaries():
     """{run folder name: summary} for every results/*/summary.json."""
-    return {path.parent.name: json.loads(path.read_text()) for path in sorted((ROOT / "results").glob("*/summary.json"))}
+    paths = sorted((ROOT / "results").glob("*/summary.json"))
+    return {path.parent.name: json.loads(path.read_text()) for path in paths}
 
 
 def carried_checkpoint(name):
@@ -44,4 +45,5 @@ def test_no_checkpoint_is_carried_for_a_finished_or_missing_run():
     for path in sorted((ROOT / "in-progress").glob(f"*/{maml_omniglot.CHECKPOINT}")):
         name = path.parent.name
         assert name in runs, f"{path.relative_to(ROOT)} has no results/{name}/summary.json"
-        assert runs[name].get("status") == "in progress", f"results/{name} has finished: delete {path.relative_to(ROOT)}"
+        assert runs[name].get("status") == "in progress", \
+            f"results/{name} has finished: delete {path.relative_to(ROOT)}"
