@@ -1,7 +1,7 @@
 """How fast is a meta-iteration? The batched fast path of meta.py against the plain per-task loop.
 
-    python benchmark.py                                  # 5w1s, the "public" protocol, on the best device
-    python benchmark.py --setting 20w1s --protocol paper --device cpu
+    python benchmark.py                                  # 5w1s as the paper trains it, on the best device
+    python benchmark.py --setting 20w1s --protocol public --device cpu
 
 Everything runs in one process on one synthetic batch of tasks (random images, labels shuffled per task),
 so the numbers measure computation only, not data loading. Protocols:
@@ -12,29 +12,24 @@ so the numbers measure computation only, not data loading. Protocols:
             reproductions use, with the setting's meta-batch
 
 Printed: the median seconds per meta-iteration of the fast path (MetaLearner.forward, as the
-training loop runs it) and of the reference loop (tests/reference_maml.py, the per-task loop), their
-ratio; the FLOPs of a meta-iteration (convolutions and matrix products, forward and all backward
+training loop runs it) and of the plain per-task loop (plain_maml.py), their ratio; the FLOPs of a meta-iteration (convolutions and matrix products, forward and all backward
 passes, query accuracy after every inner step included, as both paths compute it), counted by
 torch.utils.flop_counter on the reference loop, because its formula for a grouped convolution's
 backward counts the work once per group; the achieved GFLOP/s of each; the peak memory, and
 test tasks adapted per second by finetunning.
 """
 
-import argparse
 import resource
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from maml_omniglot import SETTINGS
+import plain_maml
+from maml_omniglot import SETTINGS, Parser, resolve_device
 from meta import MetaLearner
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
-from reference_maml import random_tasks, reference_meta_loss  # noqa: E402  (the reference loop lives with the tests)
+from omniglot_nshot import random_tasks
 
 
 def sync(device):
@@ -68,45 +63,48 @@ def peak_memory_mib(device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="benchmark.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="5w1s")
-    parser.add_argument("--protocol", choices=("paper", "public"), default="public")
+    parser.add_argument("--protocol", choices=("paper", "public"), default="paper")
     parser.add_argument("--first-order", action="store_true")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument("--repeats", type=int, default=5, help="timed meta-iterations per path (default 5)")
     parser.add_argument("--skip-reference", action="store_true", help="time only the fast path")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    try:
+        device = torch.device(resolve_device(args.device))
+    except ValueError as e:
+        parser.error(str(e))
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
     setting = SETTINGS[args.setting]
-    n_way, k_shot, tasks = setting["n_way"], setting["k_spt"], setting["task_num"]
-    update_step, update_lr, update_step_test = setting["update_step"], setting["update_lr"], setting["update_step_test"]
-    k_query = k_shot
+    n_way, k_spt, tasks = setting["n_way"], setting["k_spt"], setting["task_num"]
+    update_step, update_lr = setting["update_step"], setting["update_lr"]
+    k_qry = k_spt
     if args.protocol == "public":
-        update_step, k_query = 5, 15
+        update_step, k_qry = 5, 15
     torch.manual_seed(0)
-    learner = MetaLearner(n_way, k_shot, update_lr, 1e-3, update_step, update_step_test,
-                          first_order=args.first_order).to(device)
-    batch = [t.to(device) for t in random_tasks(tasks, n_way, k_shot, k_query, torch.Generator().manual_seed(0))]
+    meta_learner = MetaLearner(n_way=n_way, k_spt=k_spt, update_lr=update_lr, meta_lr=1e-3, update_step=update_step,
+                               update_step_test=setting["update_step_test"], first_order=args.first_order).to(device)
+    batch = [t.to(device) for t in random_tasks(tasks, n_way, k_spt, k_qry, torch.Generator().manual_seed(0))]
 
     def fast_step():
-        learner(*batch)
+        meta_learner(*batch)
 
     def reference_step():
-        learner.meta_optim.zero_grad(set_to_none=True)
-        loss, _ = reference_meta_loss(list(learner.net.parameters()), *batch, k_shot=k_shot,
-                                      update_lr=update_lr, update_step=update_step,
-                                      first_order=args.first_order)
+        meta_learner.meta_optim.zero_grad(set_to_none=True)
+        loss, _ = plain_maml.meta_loss(list(meta_learner.net.parameters()), *batch, k_spt=k_spt, update_lr=update_lr,
+                                       update_step=update_step, first_order=args.first_order)
         loss.backward()
-        learner.meta_optim.step()
+        meta_learner.meta_optim.step()
 
     def test_step():
-        learner.finetunning(*batch)
+        meta_learner.finetunning(*batch)
 
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    print(f"{args.setting}, {args.protocol} protocol: {tasks} tasks, {n_way}-way {k_shot}-shot, "
-          f"{k_query} query per class, {update_step} inner steps, "
+    print(f"{args.setting}, {args.protocol} protocol: {tasks} tasks, {n_way}-way {k_spt}-shot, "
+          f"{k_qry} query per class, {update_step} inner steps, "
           f"{'first' if args.first_order else 'second'} order, {device}{threads}, torch {torch.__version__}")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -121,7 +119,7 @@ def main(argv=None):
         print(f"reference loop  {reference_seconds:8.3f} s/it  {work / reference_seconds / 1e9:6.1f} GFLOP/s")
         print(f"speed-up        {reference_seconds / fast_seconds:8.2f} x")
     test_seconds = median_seconds(test_step, device, args.repeats)
-    print(f"finetunning     {tasks / test_seconds:8.1f} test tasks/s with {update_step_test} steps "
+    print(f"finetunning     {tasks / test_seconds:8.1f} test tasks/s with {setting['update_step_test']} steps "
           f"({600 * test_seconds / tasks:.1f} s for 600 tasks)")
 
 

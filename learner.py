@@ -21,14 +21,18 @@ Three choices, each documented because reproductions differ on them:
 
 * Batch norm is transductive: it always normalises with the statistics of the batch it is given, at
   meta-training and at test time, as the MAML reference code does (TensorFlow's batch_norm in training
-  mode). Each task is normalised with its own statistics. There are no running statistics, so nothing
+  mode). Each task is normalised with its own statistics. "Transductive" because the prediction for a
+  query image then depends on the other query images of its task (they share the statistics): the
+  query set is classified as a whole, not image by image. There are no running statistics, so nothing
   can drift between training and evaluation. The batch-norm scale and shift are ordinary parameters
   and are adapted in the inner loop with the rest (the reference code learns only a shift, outside the
   inner loop). The epsilon is the reference's 1e-3.
 * The convolutions have no bias: a per-channel constant added before batch norm is removed again by the
   mean subtraction, so its gradient is exactly zero and it would be pure wasted work.
-* Initialisation: Glorot (Xavier) uniform for the conv and linear weights, as the reference does for
-  its conv weights; zeros for the linear bias and the batch-norm shift, ones for the batch-norm scale.
+* Initialisation: Glorot (Xavier) uniform for the conv and linear weights; zeros for the linear bias
+  and the batch-norm shift, ones for the batch-norm scale. The reference uses Xavier for its conv
+  weights too, but draws its Omniglot output layer from a unit normal (a known deviation, listed in
+  the README).
 
 Many tasks at once. `forward` takes one task, x [n, 1, 28, 28], or a batch of T tasks,
 x [T, n, 1, 28, 28]. With a batch, every parameter may be shared by all tasks (shaped as in the list
@@ -58,7 +62,6 @@ class BaseNet(nn.Module):
 
     def __init__(self, n_way, in_channels=1):
         super().__init__()
-        self.n_way = n_way
         self.param_names = []
         params = []
         channels = in_channels
@@ -91,11 +94,17 @@ class BaseNet(nn.Module):
         params = [p if p.dim() > own.dim() else p.expand(tasks, *own.shape) for p, own in zip(params, self.vars)]
         # params[i]: [T, *shape of own parameter i]
 
-        h = x.transpose(0, 1).reshape(n, tasks * channels, height, width)  # tasks side by side: [n, T*C, 28, 28]
+        # Tasks side by side along the channels, task by task: [T, n, C, H, W] -> [n, T*C, H, W], where
+        # channels t*C .. t*C + C-1 are task t's. The per-task conv weights [T, 64, C, 3, 3] become
+        # [T*64, C, 3, 3]: output channels t*64 .. t*64 + 63 are task t's filters. With groups=T the
+        # convolution splits the input channels into T blocks of C and the filters into T blocks of 64,
+        # and applies filter block t to input block t only: T independent convolutions in one call.
+        h = x.transpose(0, 1).reshape(n, tasks * channels, height, width)  # [n, T*C, 28, 28]
         for block in range(BLOCKS):
-            conv_weight, bn_weight, bn_bias = params[3 * block: 3 * block + 3]
+            conv_weight, bn_weight, bn_bias = params[3 * block: 3 * block + 3]  # [T, 64, C, 3, 3], [T, 64], [T, 64]
             h = F.conv2d(h, conv_weight.reshape(-1, *conv_weight.shape[2:]), stride=2, padding=1, groups=tasks)
             # h: [n, T*64, H/2, W/2], halving 28 -> 14 -> 7 -> 4 -> 2
+            # Batch norm over n and H x W for each of the T*64 channels: per task, per channel.
             h = F.batch_norm(h, None, None, bn_weight.reshape(-1), bn_bias.reshape(-1), training=True, eps=BN_EPS)
             h = F.relu(h)
         features = h.mean(dim=(2, 3)).reshape(n, tasks, HIDDEN).transpose(0, 1)  # [T, n, 64]

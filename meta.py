@@ -5,7 +5,7 @@ drawings of the same classes. MAML looks for initial weights θ from which a few
 support set already classify the query set well:
 
     inner loop, per task:   θ'ᵢ ← θ'ᵢ − α ∇ L_support,i(θ'ᵢ),  starting from θ'ᵢ = θ, `update_step` times
-    outer loop (meta step): θ ← θ − β ∇θ Σᵢ L_query,i(θ'ᵢ(θ))   (with Adam instead of plain SGD)
+    outer loop (meta-step): θ ← θ − β ∇θ (1/T) Σᵢ L_query,i(θ'ᵢ(θ))   (Adam, not plain SGD)
 
 The outer gradient flows through the inner updates. With one inner step,
 ∇θ L_query(θ') = (I − α ∇²L_support(θ)) ∇L_query(θ'): it contains the Hessian of the support loss.
@@ -13,16 +13,22 @@ That is second-order MAML, and it needs the inner gradients to stay in the autog
 (`create_graph=True`). With `first_order=True` (FOMAML) the inner gradients are treated as constants,
 the Hessian term drops out and the outer gradient is simply ∇L_query evaluated at θ'ᵢ.
 
-Inner-loss scaling, as in the reference code (cbfinn/maml): the support loss of a task is the
-per-example cross-entropy divided by K, summed over the N*K support examples. That is N times the mean
-cross-entropy, so its gradient is N times the gradient of the mean. The paper's α = 0.4 for 5-way and
-α = 0.1 for 20-way therefore both mean a step of 2.0 on the mean cross-entropy. The outer loss is the
-plain mean cross-entropy over the query examples of all tasks; the reference sums it like the inner
-loss, but a constant factor on the meta-gradient does not change Adam's steps.
+Inner-loss scaling, as in the reference code (cbfinn/maml): the support loss of a task is Σ CE / K,
+the per-example cross-entropy divided by K, summed over the N*K support examples. It comes from the
+reference's TensorFlow code, which computes a per-example loss divided by K
+(`softmax_cross_entropy_with_logits(...) / update_batch_size`) and differentiates it with
+`tf.gradients`, which sums over the examples. That is N times the mean cross-entropy, so its gradient
+is N times the gradient of the mean. The paper's α = 0.4 for 5-way and α = 0.1 for 20-way therefore
+both mean a step of 2.0 on the mean cross-entropy. The outer loss is the plain mean cross-entropy over
+the query examples of all tasks (the 1/T above); the reference sums it like the inner loss, but a
+constant factor on the meta-gradient does not change Adam's steps.
 
 All tasks of a meta-batch run at once: BaseNet takes a batch of tasks with per-task fast weights (see
 learner.py), and one `autograd.grad` of the summed support losses gives every task its own gradient,
-because task i's loss depends only on task i's fast weights.
+because task i's loss depends only on task i's fast weights. The same algorithm written task by task,
+with nothing batched, is plain_maml.py: read it first.
+
+Shapes: T tasks (task_num), N classes (n_way), K support and Q query drawings per class (k_spt, k_qry).
 """
 
 import torch
@@ -37,13 +43,16 @@ def accuracy_per_task(logits, labels):
     return (logits.argmax(dim=-1) == labels).float().mean(dim=1)
 
 
+class NonFiniteError(ArithmeticError):
+    """The meta-gradient or the meta-parameters stopped being finite numbers."""
+
+
 class MetaLearner(nn.Module):
     """Holds the meta-parameters θ (a BaseNet) and the Adam meta-optimizer."""
 
-    def __init__(self, n_way, k_shot, update_lr, meta_lr, update_step, update_step_test, first_order=False):
+    def __init__(self, *, n_way, k_spt, update_lr, meta_lr, update_step, update_step_test, first_order=False):
         super().__init__()
-        self.n_way = n_way
-        self.k_shot = k_shot
+        self.k_spt = k_spt
         self.update_lr = update_lr
         self.update_step = update_step
         self.update_step_test = update_step_test
@@ -54,7 +63,7 @@ class MetaLearner(nn.Module):
     def support_loss(self, logits, labels):
         """Inner loss per task: Σ over the support examples of cross-entropy / K. [T, n, N], [T, n] -> [T]."""
         per_example = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
-        return per_example.view(labels.shape).sum(dim=1) / self.k_shot
+        return per_example.view(labels.shape).sum(dim=1) / self.k_spt
 
     def adapt(self, x_spt, y_spt, steps, params, create_graph):
         """Yield the fast weights of every task after 0, 1, ..., `steps` inner steps.
@@ -64,6 +73,9 @@ class MetaLearner(nn.Module):
         With create_graph=True the inner gradients stay differentiable (second order).
         """
         tasks = x_spt.shape[0]
+        # `expand` gives every task its own view of θ (no copy): fast_weights[i][t] is task t's. The
+        # support losses are then summed over tasks, and since task t's loss depends only on its own
+        # slice, one autograd.grad of the sum is every task's own gradient, stacked: [T, *shape].
         fast_weights = [p.expand(tasks, *p.shape) for p in params]
         yield fast_weights
         for _ in range(steps):
@@ -86,7 +98,9 @@ class MetaLearner(nn.Module):
         steps = self.adapt(x_spt, y_spt, self.update_step, self.net.parameters(), create_graph=not self.first_order)
         for step, fast_weights in enumerate(steps):
             if step < self.update_step:
-                with torch.no_grad():  # intermediate steps: accuracy only, no graph
+                # Only this accuracy is computed without a graph. The next inner step is computed by the
+                # generator when the loop asks for the next item, outside this block, with its graph.
+                with torch.no_grad():
                     accs.append(accuracy_per_task(self.net(x_qry, fast_weights), y_qry).mean())
             else:
                 logits = self.net(x_qry, fast_weights)  # [T, N*Q, N]
@@ -95,20 +109,34 @@ class MetaLearner(nn.Module):
         return loss, torch.stack(accs).cpu().numpy()
 
     def forward(self, x_spt, y_spt, x_qry, y_qry):
-        """One meta-training step on a batch of tasks. Returns (accs, loss): numpy [update_step + 1], float."""
+        """One meta-step on a batch of tasks: adapt, meta-loss, backward through the adaptation, Adam step.
+
+        Returns (loss, accs) as meta_loss does, the loss as a float. Raises NonFiniteError if the
+        meta-gradient is not finite (before the step: θ and Adam's state are untouched) or if the step
+        made θ non-finite (an overflow inside Adam); the caller stops without saving, so the last
+        checkpoint, written after a step that passed both checks, holds finite weights.
+        """
         self.meta_optim.zero_grad(set_to_none=True)
         loss, accs = self.meta_loss(x_spt, y_spt, x_qry, y_qry)
         loss.backward()
+        grads = [p.grad for p in self.net.parameters()]
+        if not all(torch.isfinite(g).all() for g in grads):
+            raise NonFiniteError(f"the meta-gradient is not finite (meta-loss {loss.item()})")
         self.meta_optim.step()
-        return accs, loss.item()
+        if not all(torch.isfinite(p).all() for p in self.net.parameters()):
+            raise NonFiniteError("the Adam step made the meta-parameters non-finite")
+        return loss.item(), accs
 
     def finetunning(self, x_spt, y_spt, x_qry, y_qry, per_task=False):
         """Adapt to test tasks for `update_step_test` steps and measure the query accuracy at each step.
 
-        Takes one task (x [n, 1, 28, 28]) or a batch (x [T, n, 1, 28, 28]). The meta-parameters are
-        never changed: the adaptation starts from a detached copy of θ, and its gradients are taken
-        without a graph, since nothing differentiates through them. Returns numpy [update_step_test + 1] averaged over the tasks,
-        or [T, update_step_test + 1] with per_task=True.
+        (The name keeps the reference PyTorch code's spelling, dragen1860/MAML-Pytorch, which users of
+        this lineage search for.) Takes one task (x [n, 1, 28, 28]) or a batch (x [T, n, 1, 28, 28]).
+        The meta-parameters are never changed: the adaptation starts from θ detached (new tensors that
+        share θ's memory but not its graph, so nothing flows back into θ), and its gradients are taken
+        without a graph, since nothing differentiates through them. Returns a numpy array of
+        update_step_test + 1 accuracies averaged over the tasks, or [T, update_step_test + 1] with
+        per_task=True; index 0 is the accuracy before any inner step (chance, 1/N, before training).
         """
         if x_spt.dim() == 4:
             x_spt, y_spt, x_qry, y_qry = x_spt[None], y_spt[None], x_qry[None], y_qry[None]

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-import maml_omniglot
 import preprocess_omniglot
+import run_files
 
 # The real zips, beside the repository as in CI (../shared/omniglot); tests that need them skip without.
 REAL_ZIPS = Path(__file__).resolve().parents[1].parent / "shared" / "omniglot"
@@ -33,7 +33,7 @@ def log_rows(out, drop=("elapsed_s",)):
     """The rows of out/log.csv without the `drop` columns; by default without elapsed_s, the one
     column (wall-clock time) that cannot repeat between runs."""
     return [{k: v for k, v in row.items() if k not in drop}
-            for row in maml_omniglot.read_log(os.path.join(out, "log.csv"))]
+            for row in run_files.read_log(os.path.join(out, "log.csv"))]
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,8 @@ checkpoint behind.
 import json
 from pathlib import Path
 
-import maml_omniglot
+import run_files
+from run_files import RunState
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,27 +23,29 @@ def summaries():
 
 
 def carried_checkpoint(name):
-    return ROOT / "in-progress" / name / maml_omniglot.CHECKPOINT
+    return ROOT / "in-progress" / name / "checkpoint.pt"
 
 
 def test_every_unfinished_run_is_continued_by_its_committed_checkpoint(tmp_path):
     for name, summary in summaries().items():
-        if summary.get("status", "finished") != "in progress":  # older summaries have no status
+        if summary["status"] != "in progress":
             continue
         path = carried_checkpoint(name)
         assert path.is_file(), f"results/{name} is in progress but {path.relative_to(ROOT)} is not committed"
-        checkpoint = maml_omniglot.load_checkpoint(str(path), summary["config"], maml_omniglot.build_parser())
-        assert checkpoint["iteration"] == summary["iteration"]
-        assert checkpoint["segments"] == summary["segments"]
+        checkpoint = run_files.read_checkpoint(str(path))
+        state = RunState(**checkpoint["run"])
+        assert checkpoint["config"] == summary["config"]
+        assert state.iteration == summary["iteration"]
+        assert state.segments == summary["segments"]
         # The log inside the checkpoint, written the way the run writes log.csv, is the committed log.csv.
         rewritten = tmp_path / f"{name}.csv"
-        maml_omniglot.write_log(str(rewritten), checkpoint["log"], checkpoint["config"])
+        run_files.write_log(str(rewritten), state.log, checkpoint["config"])
         assert rewritten.read_bytes() == (ROOT / "results" / name / "log.csv").read_bytes()
 
 
 def test_no_checkpoint_is_carried_for_a_finished_or_missing_run():
     runs = summaries()
-    for path in sorted((ROOT / "in-progress").glob(f"*/{maml_omniglot.CHECKPOINT}")):
+    for path in sorted((ROOT / "in-progress").glob("*/checkpoint.pt")):
         name = path.parent.name
         assert name in runs, f"{path.relative_to(ROOT)} has no results/{name}/summary.json"
         assert runs[name].get("status") == "in progress", \

@@ -14,6 +14,7 @@ import torch
 
 import maml_omniglot
 import results_table
+import run_files
 from conftest import log_rows
 
 
@@ -183,44 +184,74 @@ def test_plot_only_without_a_log(tmp_path, capsys):
     assert code == 2 and f"there is no {tmp_path / 'log.csv'}" in err
 
 
-def test_nan_loss_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(
+def copy_of_finished_checkpoint(finished_run, tmp_path):
+    """A folder holding only the checkpoint of the finished run: a run that stopped just before its test."""
+    out = tmp_path / "copy"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes((finished_run / "checkpoint.pt").read_bytes())
+    return out
+
+
+def checkpoint_contents(out):
+    return run_files.read_checkpoint(str(out / "checkpoint.pt"))
+
+
+def test_nan_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(
         learnable_omniglot_npy, tmp_path, monkeypatch, capsys):
     class NanAtFifth(maml_omniglot.MetaLearner):
         calls = 0
 
-        def forward(self, *batch):
-            accs, loss = super().forward(*batch)
+        def meta_loss(self, *batch):
+            loss, accs = super().meta_loss(*batch)
             NanAtFifth.calls += 1
-            return accs, float("nan") if NanAtFifth.calls == 5 else loss
+            return (loss * float("nan") if NanAtFifth.calls == 5 else loss), accs
 
     monkeypatch.setattr(maml_omniglot, "MetaLearner", NanAtFifth)
     out = tmp_path / "out"
     assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, out)) == 1
     err = capsys.readouterr().err
-    assert "error: meta-loss is nan at iteration 5; stopping" in err
+    assert "error: the meta-gradient is not finite (meta-loss nan) at iteration 5; stopping" in err
     assert f"the last good checkpoint ({out / 'checkpoint.pt'}) is kept" in err
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["iteration"] == 4
+    checkpoint = checkpoint_contents(out)
+    assert checkpoint["run"]["iteration"] == 4
+    assert all(torch.isfinite(w).all() for w in checkpoint["net"].values())
     assert [r["iteration"] for r in log_rows(out)] == ["0", "3", "3"]
     summary = json.loads((out / "summary.json").read_text())  # describes the checkpoint that was kept
     assert summary["status"] == "in progress" and summary["iteration"] == 4 and summary["test"] is None
     assert summary["last_validation"]["iteration"] == 3
     assert [(s["from_iteration"], s["to_iteration"]) for s in summary["segments"]] == [(0, 4)]
+    assert not (out / "model.pt").exists()
     ours, iterations = results_table.describe(summary)[:2]
     assert ours.startswith("in progress: validation ") and ours.endswith(" % at iteration 3")
     assert iterations == "4 of 6"
 
 
+def test_an_exploding_inner_rate_never_finishes_with_nan_weights(learnable_omniglot_npy, tmp_path, capsys):
+    """The reliability report's case: the first meta-gradient is NaN though the loss it reports is finite."""
+    out = tmp_path / "out"
+    code = maml_omniglot.main(tiny_args(learnable_omniglot_npy, out, "--iterations", "1", "--update-lr", "1e15",
+                                        "--eval-every", "2", "--checkpoint-every", "1"))
+    assert code == 1 and "the meta-gradient is not finite" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "in progress" and summary["iteration"] == 0
+    assert all(torch.isfinite(w).all() for w in checkpoint_contents(out)["net"].values())
+    assert not (out / "model.pt").exists()
+    assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, out, "--iterations", "1", "--update-lr", "1e15",
+                                        "--eval-every", "2", "--checkpoint-every", "1", "--resume")) == 1
+
+
 def test_resume_with_another_configuration_is_refused_naming_the_values(finished_run, tmp_path, capsys,
                                                                         learnable_omniglot_npy):
-    before = (finished_run / "checkpoint.pt").read_bytes()
+    out = copy_of_finished_checkpoint(finished_run, tmp_path)
+    before = (out / "checkpoint.pt").read_bytes()
     code, err = exit_code_and_stderr(
-        tiny_args(learnable_omniglot_npy, finished_run, "--resume", "--update-lr", "0.3", "--setting", "5w5s"), capsys)
+        tiny_args(learnable_omniglot_npy, out, "--resume", "--update-lr", "0.3", "--setting", "5w5s"), capsys)
     assert code == 2 and err.count("\n") == 1
     assert "was made with another configuration; refusing to resume" in err
     for difference in ("k_spt: checkpoint 1, now 5", "k_qry: checkpoint 1, now 5",
                        "setting: checkpoint '5w1s', now '5w5s'", "update_lr: checkpoint 0.4, now 0.3"):
         assert difference in err
-    assert (finished_run / "checkpoint.pt").read_bytes() == before
+    assert (out / "checkpoint.pt").read_bytes() == before
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "foreign"])
@@ -232,7 +263,7 @@ def test_corrupt_checkpoint_is_refused_and_left_alone(damage, finished_run, lear
     bad = {"truncated": good[: len(good) // 2], "garbage": os.urandom(5000), "empty": b"",
            "foreign": None}[damage]
     if bad is None:
-        torch.save({"format": maml_omniglot.CHECKPOINT_FORMAT, "iteration": 3}, out / "checkpoint.pt")
+        torch.save({"format": run_files.CHECKPOINT_FORMAT, "iteration": 3}, out / "checkpoint.pt")
         bad = (out / "checkpoint.pt").read_bytes()
     else:
         (out / "checkpoint.pt").write_bytes(bad)
@@ -243,30 +274,43 @@ def test_corrupt_checkpoint_is_refused_and_left_alone(damage, finished_run, lear
     assert sorted(os.listdir(out)) == ["checkpoint.pt"]
 
 
-def test_a_checkpoint_of_the_old_format_is_refused_saying_why(finished_run, learnable_omniglot_npy, tmp_path,
-                                                              capsys):
+def test_a_checkpoint_of_an_older_format_is_refused_naming_the_commit_that_reads_it(
+        learnable_omniglot_npy, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    old = torch.load(finished_run / "checkpoint.pt", weights_only=False)
-    old["format"] = 1
-    del old["segments"]
-    torch.save(old, out / "checkpoint.pt")
+    torch.save({"format": 2, "iteration": 3, "segments": []}, out / "checkpoint.pt")  # format 2's layout, in short
     code, err = exit_code_and_stderr(tiny_args(learnable_omniglot_npy, out, "--resume"), capsys)
     assert code == 2 and err.count("\n") == 1
-    assert "was written by an older maml_omniglot.py (checkpoint format 1" in err
-    assert "resume it with the commit that wrote it, or move it away to start over" in err
+    assert "was written by an older maml_omniglot.py (format 2); use it with commit bf074d8" in err
+    assert "It was left untouched" in err
 
 
-def test_an_existing_checkpoint_needs_resume(finished_run, learnable_omniglot_npy, capsys, no_training):
-    code, err = exit_code_and_stderr(tiny_args(learnable_omniglot_npy, finished_run), capsys)
+def test_a_bit_flip_in_a_checkpoint_is_refused(finished_run, learnable_omniglot_npy, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    checkpoint = torch.load(finished_run / "checkpoint.pt", weights_only=False)
+    weight = checkpoint["net"]["vars.0"]
+    weight.view(torch.int32)[0, 0, 0, 0] ^= 1 << 3  # one bit of one weight: still a perfectly loadable file
+    torch.save(checkpoint, out / "checkpoint.pt")
+    code, err = exit_code_and_stderr(tiny_args(learnable_omniglot_npy, out, "--resume"), capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "do not match their SHA-256 digest" in err and "refusing to resume" in err
+
+
+def test_an_existing_checkpoint_needs_resume(finished_run, learnable_omniglot_npy, tmp_path, capsys, no_training):
+    out = copy_of_finished_checkpoint(finished_run, tmp_path)
+    code, err = exit_code_and_stderr(tiny_args(learnable_omniglot_npy, out), capsys)
     assert code == 2 and "already holds checkpoint.pt: add --resume" in err
 
 
-def copy_of_finished_checkpoint(finished_run, tmp_path):
-    out = tmp_path / "copy"
-    out.mkdir()
-    (out / "checkpoint.pt").write_bytes((finished_run / "checkpoint.pt").read_bytes())
-    return out
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_finished_run_is_never_written_into_again(resume, finished_run, learnable_omniglot_npy, capsys,
+                                                    no_training):
+    before = {name: (finished_run / name).read_bytes() for name in os.listdir(finished_run)}
+    code, err = exit_code_and_stderr(tiny_args(learnable_omniglot_npy, finished_run, *["--resume"] * resume), capsys)
+    assert code == 2 and err == (f"maml_omniglot.py: error: --out {finished_run} holds a finished run, which is "
+                                 f"never written into again: choose another --out\n")
+    assert {name: (finished_run / name).read_bytes() for name in os.listdir(finished_run)} == before
 
 
 def test_resuming_a_finished_run_only_repeats_the_test(finished_run, learnable_omniglot_npy, tmp_path):

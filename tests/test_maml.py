@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from learner import BaseNet
-from meta import MetaLearner
-from reference_maml import random_tasks, reference_forward, reference_meta_loss
+from meta import MetaLearner, NonFiniteError
+import plain_maml
+from omniglot_nshot import random_tasks
 
 
 def test_basenet_shapes_and_parameter_order():
@@ -35,7 +36,7 @@ def test_batched_forward_with_per_task_weights_equals_one_task_at_a_time():
     per_task = [p.detach() + 0.1 * torch.randn(3, *p.shape) for p in net.parameters()]
     batched = net(x, per_task)
     for task in range(3):
-        expected = reference_forward(x[task], [p[task] for p in per_task])
+        expected = plain_maml.forward(x[task], [p[task] for p in per_task])
         torch.testing.assert_close(batched[task], expected, rtol=1e-5, atol=1e-5)
 
 
@@ -64,45 +65,45 @@ def test_fast_path_matches_the_per_task_loop(n_way, update_lr, update_step, firs
     implementation alike (measured: up to 5% between float32 and float64 for the loop itself).
     """
     torch.manual_seed(1)
-    learner = MetaLearner(n_way, k_shot=1, update_lr=update_lr, meta_lr=1e-3, update_step=update_step,
-                          update_step_test=3, first_order=first_order).to(dtype)
+    meta_learner = MetaLearner(n_way=n_way, k_spt=1, update_lr=update_lr, meta_lr=1e-3, update_step=update_step,
+                               update_step_test=3, first_order=first_order).to(dtype)
     tasks = random_tasks(2, n_way, 1, 1, torch.Generator().manual_seed(2), dtype=dtype)
-    theta = list(learner.net.parameters())
+    theta = list(meta_learner.net.parameters())
     rtol = 1e-4 if dtype == torch.float32 else 1e-10
 
-    loss, accs = learner.meta_loss(*tasks)
+    loss, accs = meta_learner.meta_loss(*tasks)
     grads = torch.autograd.grad(loss, theta)
-    expected_loss, expected_accs = reference_meta_loss(theta, *tasks, k_shot=1, update_lr=update_lr,
+    expected_loss, expected_accs = plain_maml.meta_loss(theta, *tasks, k_spt=1, update_lr=update_lr,
                                                        update_step=update_step, first_order=first_order)
     expected_grads = torch.autograd.grad(expected_loss, theta)
 
     torch.testing.assert_close(loss, expected_loss, rtol=rtol, atol=0)
     np.testing.assert_allclose(accs, expected_accs, rtol=1e-6)
-    for name, grad, expected in zip(learner.net.param_names, grads, expected_grads):
+    for name, grad, expected in zip(meta_learner.net.param_names, grads, expected_grads):
         assert torch.linalg.norm(grad - expected) <= rtol * torch.linalg.norm(expected), name
 
 
 def tiny_float64_problem():
     torch.manual_seed(3)
-    learner = MetaLearner(n_way=3, k_shot=1, update_lr=0.4, meta_lr=1e-3, update_step=2, update_step_test=2)
-    learner.double()
+    meta_learner = MetaLearner(n_way=3, k_spt=1, update_lr=0.4, meta_lr=1e-3, update_step=2, update_step_test=2)
+    meta_learner.double()
     tasks = random_tasks(2, 3, 1, 2, torch.Generator().manual_seed(4), dtype=torch.float64)
-    return learner, tasks
+    return meta_learner, tasks
 
 
 def test_second_order_meta_gradient_matches_finite_differences():
     """∇θ of the outer loss, computed by autograd through the inner steps, against central finite
     differences of the outer loss as a function of θ, along random directions, in float64."""
-    learner, tasks = tiny_float64_problem()
-    theta = list(learner.net.parameters())
-    loss, _ = learner.meta_loss(*tasks)
+    meta_learner, tasks = tiny_float64_problem()
+    theta = list(meta_learner.net.parameters())
+    loss, _ = meta_learner.meta_loss(*tasks)
     grads = torch.autograd.grad(loss, theta)
 
     def outer_loss_at(shift):
         with torch.no_grad():
             for p, d in zip(theta, shift):
                 p.add_(d)
-        value = learner.meta_loss(*tasks)[0].item()
+        value = meta_learner.meta_loss(*tasks)[0].item()
         with torch.no_grad():
             for p, d in zip(theta, shift):
                 p.sub_(d)
@@ -115,17 +116,18 @@ def test_second_order_meta_gradient_matches_finite_differences():
         norm = torch.sqrt(sum((d ** 2).sum() for d in direction))
         direction = [d / norm for d in direction]
         analytic = sum((g * d).sum() for g, d in zip(grads, direction)).item()
-        numeric = (outer_loss_at([eps * d for d in direction]) - outer_loss_at([-eps * d for d in direction])) / (2 * eps)
+        numeric = (outer_loss_at([eps * d for d in direction])
+                   - outer_loss_at([-eps * d for d in direction])) / (2 * eps)
         assert abs(analytic - numeric) <= 1e-4 * abs(numeric), (analytic, numeric)
 
 
 def test_first_order_differs_and_equals_detached_inner_gradients():
-    learner, tasks = tiny_float64_problem()
-    theta = list(learner.net.parameters())
-    second = torch.autograd.grad(learner.meta_loss(*tasks)[0], theta)
-    learner.first_order = True
-    first = torch.autograd.grad(learner.meta_loss(*tasks)[0], theta)
-    detached_loss, _ = reference_meta_loss(theta, *tasks, k_shot=1, update_lr=0.4, update_step=2,
+    meta_learner, tasks = tiny_float64_problem()
+    theta = list(meta_learner.net.parameters())
+    second = torch.autograd.grad(meta_learner.meta_loss(*tasks)[0], theta)
+    meta_learner.first_order = True
+    first = torch.autograd.grad(meta_learner.meta_loss(*tasks)[0], theta)
+    detached_loss, _ = plain_maml.meta_loss(theta, *tasks, k_spt=1, update_lr=0.4, update_step=2,
                                            detach_inner_grads=True)
     detached = torch.autograd.grad(detached_loss, theta)
 
@@ -136,13 +138,14 @@ def test_first_order_differs_and_equals_detached_inner_gradients():
     assert difference > 1e-3 * size, "first- and second-order meta-gradients should differ"
 
 
-@pytest.mark.parametrize("n_way, k_shot", [(5, 1), (5, 5), (20, 1)])
-def test_inner_loss_is_n_times_mean_cross_entropy(n_way, k_shot):
+@pytest.mark.parametrize("n_way, k_spt", [(5, 1), (5, 5), (20, 1)])
+def test_inner_loss_is_n_times_mean_cross_entropy(n_way, k_spt):
     torch.manual_seed(6)
-    learner = MetaLearner(n_way, k_shot, update_lr=0.4, meta_lr=1e-3, update_step=1, update_step_test=1)
-    logits = torch.randn(3, n_way * k_shot, n_way, requires_grad=True)
-    labels = torch.arange(n_way).repeat(3, k_shot)
-    inner = learner.support_loss(logits, labels)  # [3]
+    meta_learner = MetaLearner(n_way=n_way, k_spt=k_spt, update_lr=0.4, meta_lr=1e-3, update_step=1,
+                               update_step_test=1)
+    logits = torch.randn(3, n_way * k_spt, n_way, requires_grad=True)
+    labels = torch.arange(n_way).repeat(3, k_spt)
+    inner = meta_learner.support_loss(logits, labels)  # [3]
     mean_ce = torch.stack([F.cross_entropy(logits[t], labels[t]) for t in range(3)])
     torch.testing.assert_close(inner, n_way * mean_ce)
     inner_grad, = torch.autograd.grad(inner.sum(), logits)
@@ -152,30 +155,42 @@ def test_inner_loss_is_n_times_mean_cross_entropy(n_way, k_shot):
 
 def test_finetunning_keeps_meta_parameters_and_starts_from_them():
     torch.manual_seed(7)
-    learner = MetaLearner(5, 1, update_lr=0.4, meta_lr=1e-3, update_step=1, update_step_test=3)
-    before = [p.detach().clone() for p in learner.net.parameters()]
+    meta_learner = MetaLearner(n_way=5, k_spt=1, update_lr=0.4, meta_lr=1e-3, update_step=1, update_step_test=3)
+    before = [p.detach().clone() for p in meta_learner.net.parameters()]
     x_spt, y_spt, x_qry, y_qry = random_tasks(6, 5, 1, 3, torch.Generator().manual_seed(8))
 
-    per_task = learner.finetunning(x_spt, y_spt, x_qry, y_qry, per_task=True)
+    per_task = meta_learner.finetunning(x_spt, y_spt, x_qry, y_qry, per_task=True)
     assert per_task.shape == (6, 4)
-    np.testing.assert_allclose(learner.finetunning(x_spt, y_spt, x_qry, y_qry), per_task.mean(axis=0), rtol=1e-6)
-    np.testing.assert_allclose(learner.finetunning(x_spt[2], y_spt[2], x_qry[2], y_qry[2]), per_task[2], rtol=1e-6)
+    np.testing.assert_allclose(meta_learner.finetunning(x_spt, y_spt, x_qry, y_qry), per_task.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(meta_learner.finetunning(x_spt[2], y_spt[2], x_qry[2], y_qry[2]), per_task[2], rtol=1e-6)
     with torch.no_grad():
-        unadapted = (learner.net(x_qry).argmax(-1) == y_qry).float().mean(1).numpy()
+        unadapted = (meta_learner.net(x_qry).argmax(-1) == y_qry).float().mean(1).numpy()
     np.testing.assert_array_equal(per_task[:, 0], unadapted)
-    for p, b in zip(learner.net.parameters(), before):
+    for p, b in zip(meta_learner.net.parameters(), before):
         assert torch.equal(p, b)
         assert p.grad is None
 
 
 def test_forward_takes_an_adam_step_and_reports_step_accuracies():
     torch.manual_seed(9)
-    learner = MetaLearner(5, 1, update_lr=0.4, meta_lr=1e-3, update_step=2, update_step_test=3)
-    before = [p.detach().clone() for p in learner.net.parameters()]
-    accs, loss = learner(*random_tasks(4, 5, 1, 1, torch.Generator().manual_seed(10)))
+    meta_learner = MetaLearner(n_way=5, k_spt=1, update_lr=0.4, meta_lr=1e-3, update_step=2, update_step_test=3)
+    before = [p.detach().clone() for p in meta_learner.net.parameters()]
+    loss, accs = meta_learner(*random_tasks(4, 5, 1, 1, torch.Generator().manual_seed(10)))
     assert accs.shape == (3,) and np.all((0 <= accs) & (accs <= 1))
     assert isinstance(loss, float) and np.isfinite(loss)
-    assert all(not torch.equal(p, b) for p, b in zip(learner.net.parameters(), before))
+    assert all(not torch.equal(p, b) for p, b in zip(meta_learner.net.parameters(), before))
+
+
+def test_a_non_finite_meta_gradient_is_never_stepped_into():
+    """An inner rate of 1e15 sends the fast weights to infinity: the meta-gradient is NaN while the loss the
+    step reports could still look finite. The step must refuse before Adam touches θ or its own state."""
+    torch.manual_seed(9)
+    meta_learner = MetaLearner(n_way=5, k_spt=1, update_lr=1e15, meta_lr=1e-3, update_step=1, update_step_test=1)
+    before = [p.detach().clone() for p in meta_learner.net.parameters()]
+    with pytest.raises(NonFiniteError, match="meta-gradient is not finite"):
+        meta_learner(*random_tasks(2, 5, 1, 1, torch.Generator().manual_seed(10)))
+    assert all(torch.equal(p, b) for p, b in zip(meta_learner.net.parameters(), before))
+    assert meta_learner.meta_optim.state_dict()["state"] == {}  # Adam never stepped
 
 
 
@@ -187,8 +202,8 @@ def test_unadapted_accuracy_at_initialisation_is_chance(real_omniglot_npy):
 
     data_path, _ = real_omniglot_npy
     torch.manual_seed(13)
-    data = OmniglotNShot(data_path, batchsz=50, n_way=5, k_shot=1, k_query=5, seed=0)
-    learner = MetaLearner(5, 1, update_lr=0.4, meta_lr=1e-3, update_step=1, update_step_test=1)
-    accs = np.concatenate([learner.finetunning(*data.next("val"), per_task=True) for _ in range(8)])
+    data = OmniglotNShot(data_path, task_num=50, n_way=5, k_spt=1, k_qry=5, seed=0)
+    meta_learner = MetaLearner(n_way=5, k_spt=1, update_lr=0.4, meta_lr=1e-3, update_step=1, update_step_test=1)
+    accs = np.concatenate([meta_learner.finetunning(*data.next("val"), per_task=True) for _ in range(8)])
     assert accs.shape == (400, 2)
     assert abs(accs[:, 0].mean() - 0.2) < 0.03  # 400 tasks x 25 queries: standard error 0.004

@@ -9,6 +9,7 @@ import torch
 
 import omniglot_nshot
 from omniglot_nshot import OmniglotNShot
+from preprocess_omniglot import PreprocessError
 
 
 def describe(image):
@@ -34,7 +35,7 @@ def describe_batch(x, y):
 
 @pytest.fixture(scope="module")
 def loader(fake_omniglot_npy):
-    return OmniglotNShot(fake_omniglot_npy, batchsz=8, n_way=5, k_shot=2, k_query=3, cache_size=4)
+    return OmniglotNShot(fake_omniglot_npy, task_num=8, n_way=5, k_spt=2, k_qry=3, cache_size=4)
 
 
 def assert_same_batches(first, second):
@@ -44,20 +45,20 @@ def assert_same_batches(first, second):
 
 
 def test_split_is_fixed_disjoint_and_complete(fake_omniglot_npy, loader):
-    sizes = {mode: len(ids) for mode, ids in loader.classes.items()}
+    sizes = {split: len(ids) for split, ids in loader.classes.items()}
     assert sizes == {"train": 1100, "val": 100, "test": 423}
-    every_class = np.concatenate([loader.classes[mode] for mode in ("train", "val", "test")])
+    every_class = np.concatenate([loader.classes[split] for split in ("train", "val", "test")])
     assert sorted(every_class) == list(range(1623))
     np.testing.assert_array_equal(every_class, np.random.default_rng(1).permutation(1623))
 
     other_seed = OmniglotNShot(fake_omniglot_npy, seed=123, cache_size=1)
-    for mode in loader.classes:
-        np.testing.assert_array_equal(other_seed.classes[mode], loader.classes[mode])
+    for split in loader.classes:
+        np.testing.assert_array_equal(other_seed.classes[split], loader.classes[split])
 
 
-@pytest.mark.parametrize("mode", ["train", "val", "test"])
-def test_batch_shapes_and_task_invariants(loader, mode):
-    x_spt, y_spt, x_qry, y_qry = loader.next(mode)
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_batch_shapes_and_task_invariants(loader, split):
+    x_spt, y_spt, x_qry, y_qry = loader.next(split)
     assert x_spt.shape == (8, 10, 1, 28, 28) and x_spt.dtype == torch.float32
     assert x_qry.shape == (8, 15, 1, 28, 28) and x_qry.dtype == torch.float32
     assert y_spt.shape == (8, 10) and y_spt.dtype == torch.int64
@@ -70,7 +71,7 @@ def test_batch_shapes_and_task_invariants(loader, mode):
         # Each class: one label and one rotation, K support and Q query drawings, all distinct.
         class_of_label = {}
         for class_id, drawing_id, turns, label in task_support + task_query:
-            assert class_id in loader.classes[mode]
+            assert class_id in loader.classes[split]
             assert class_of_label.setdefault(label, (class_id, turns)) == (class_id, turns)
         assert sorted(class_of_label) == [0, 1, 2, 3, 4]
         assert len({class_id for class_id, _ in class_of_label.values()}) == 5
@@ -98,25 +99,25 @@ def test_rotations_are_applied_and_can_be_turned_off(fake_omniglot_npy, loader):
     turns = {example[3] for example in describe_batch(*loader.next("train")[:2])}
     assert turns == {0, 1, 2, 3}
 
-    upright = OmniglotNShot(fake_omniglot_npy, batchsz=8, k_shot=2, k_query=3, rotate=False, cache_size=2)
-    for mode in ("train", "val", "test"):
-        x_spt, y_spt, x_qry, y_qry = upright.next(mode)
+    upright = OmniglotNShot(fake_omniglot_npy, task_num=8, k_spt=2, k_qry=3, rotate=False, cache_size=2)
+    for split in ("train", "val", "test"):
+        x_spt, y_spt, x_qry, y_qry = upright.next(split)
         examples = describe_batch(x_spt, y_spt) + describe_batch(x_qry, y_qry)
         assert {example[3] for example in examples} == {0}
 
 
 def test_same_seed_same_batches_across_cache_refills(fake_omniglot_npy):
     def batches(seed):
-        loader = OmniglotNShot(fake_omniglot_npy, batchsz=4, seed=seed, cache_size=2)
-        return [loader.next(mode) for mode in ("train", "val", "train", "train", "test", "train")]
+        loader = OmniglotNShot(fake_omniglot_npy, task_num=4, seed=seed, cache_size=2)
+        return [loader.next(split) for split in ("train", "val", "train", "train", "test", "train")]
 
     assert_same_batches(batches(0), batches(0))
     assert not torch.equal(batches(0)[0][0], batches(1)[0][0])
 
 
 def test_modes_draw_from_independent_streams(fake_omniglot_npy):
-    only_train = OmniglotNShot(fake_omniglot_npy, batchsz=4, cache_size=2)
-    interleaved = OmniglotNShot(fake_omniglot_npy, batchsz=4, cache_size=2)
+    only_train = OmniglotNShot(fake_omniglot_npy, task_num=4, cache_size=2)
+    interleaved = OmniglotNShot(fake_omniglot_npy, task_num=4, cache_size=2)
     expected = [only_train.next("train") for _ in range(3)]
     got = []
     for _ in range(3):
@@ -129,7 +130,7 @@ def test_modes_draw_from_independent_streams(fake_omniglot_npy):
 def test_state_dict_round_trip_continues_bit_identically(fake_omniglot_npy, train_batches_before_saving):
     # cache_size=4: save before first use, mid-cache, exactly at a used-up cache, just after a refill.
     def fresh():
-        return OmniglotNShot(fake_omniglot_npy, batchsz=4, seed=7, cache_size=4)
+        return OmniglotNShot(fake_omniglot_npy, task_num=4, seed=7, cache_size=4)
 
     uninterrupted = fresh()
     for _ in range(train_batches_before_saving):
@@ -140,22 +141,22 @@ def test_state_dict_round_trip_continues_bit_identically(fake_omniglot_npy, trai
     state = torch.load(io.BytesIO(saved.getvalue()), weights_only=True)
     assert pickle.loads(pickle.dumps(state)) == state
 
-    modes = ["train"] * 6 + ["val"] * 5 + ["test"] * 2
-    expected = [uninterrupted.next(mode) for mode in modes]
+    splits = ["train"] * 6 + ["val"] * 5 + ["test"] * 2
+    expected = [uninterrupted.next(split) for split in splits]
     resumed = fresh()
     resumed.load_state_dict(state)
-    assert_same_batches(expected, [resumed.next(mode) for mode in modes])
+    assert_same_batches(expected, [resumed.next(split) for split in splits])
 
 
 def test_load_state_dict_refuses_other_settings(fake_omniglot_npy, loader):
     with pytest.raises(ValueError, match="settings"):
-        OmniglotNShot(fake_omniglot_npy, batchsz=4, cache_size=4).load_state_dict(loader.state_dict())
+        OmniglotNShot(fake_omniglot_npy, task_num=4, cache_size=4).load_state_dict(loader.state_dict())
 
 
 def test_reset_repeats_the_same_tasks(fake_omniglot_npy):
-    loader = OmniglotNShot(fake_omniglot_npy, batchsz=4, cache_size=2)
+    loader = OmniglotNShot(fake_omniglot_npy, task_num=4, cache_size=2)
     first_validation = [loader.next("val") for _ in range(3)]
-    train_next = OmniglotNShot(fake_omniglot_npy, batchsz=4, cache_size=2)
+    train_next = OmniglotNShot(fake_omniglot_npy, task_num=4, cache_size=2)
     train_next.next("train")
     loader.next("train")
     loader.reset("val")
@@ -164,13 +165,13 @@ def test_reset_repeats_the_same_tasks(fake_omniglot_npy):
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (dict(k_shot=5, k_query=16), "5 \\+ 16 = 21"),
-    (dict(n_way=101), "n_way = 101 is more than the 100 classes of the val split"),
+    (dict(k_spt=5, k_qry=16), "k_spt \\+ k_qry = 21 is more than the 20 drawings"),
+    (dict(n_way=101), "n_way 101 is more than the 100 classes of the val split"),
     (dict(n_way=1), "n_way must be at least 2"),
-    (dict(batchsz=0), "batchsz must be a positive integer, got 0"),
-    (dict(k_shot=0), "k_shot must be a positive integer, got 0"),
-    (dict(k_query=-1), "k_query must be a positive integer, got -1"),
-    (dict(cache_size=0), "cache_size must be a positive integer, got 0"),
+    (dict(task_num=0), "task_num must be at least 1, got 0"),
+    (dict(k_spt=0), "k_spt must be at least 1, got 0"),
+    (dict(k_qry=-1), "k_qry must be at least 1, got -1"),
+    (dict(cache_size=0), "cache_size must be at least 1, got 0"),
 ])
 def test_invalid_arguments_raise_value_error(fake_omniglot_npy, arguments, message):
     with pytest.raises(ValueError, match=message):
@@ -187,7 +188,7 @@ def test_unknown_mode_raises_value_error(loader):
 def test_wrong_array_shape_says_how_to_rebuild(tmp_path):
     path = tmp_path / "omniglot.npy"
     np.save(path, np.zeros((10, 20, 1, 28, 28), dtype=np.float32))
-    with pytest.raises(ValueError, match="preprocess_omniglot.py --force"):
+    with pytest.raises(PreprocessError, match="preprocess_omniglot.py --force"):
         OmniglotNShot(path)
 
 

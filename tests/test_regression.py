@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 import maml_omniglot
+import run_files
 
 REFERENCE = Path(__file__).resolve().parents[1] / "results" / "5w1s-cpu-reference"
 TOLERANCE = 0.08  # largest allowed difference at any validation point, as a fraction
@@ -30,7 +31,7 @@ MEAN_TOLERANCE = 0.04  # largest allowed mean difference over the curve
 
 
 def final_step_curve(log_path, step):
-    rows = maml_omniglot.read_log(log_path)
+    rows = run_files.read_log(log_path)
     return {int(r["iteration"]): float(r[f"acc_step{step}"]) for r in rows if r["split"] == "val"}
 
 

@@ -38,7 +38,7 @@ def environment():
 
 def checkpoint_iteration(out):
     path = os.path.join(out, "checkpoint.pt")
-    return torch.load(path, weights_only=False)["iteration"] if os.path.exists(path) else None
+    return torch.load(path, weights_only=False)["run"]["iteration"] if os.path.exists(path) else None
 
 
 class Process:

@@ -1,0 +1,117 @@
+"""curves.py: the figure of a run, drawn from its log rows.
+
+The logs here are written in the test, in log.csv's format (strings, as csv.DictReader gives them; train rows
+have only the training's inner steps, the rest of their cells empty), so the tests do not depend on any
+committed run.
+"""
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+import curves
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TEST_RED = (214, 39, 40)  # matplotlib's "C3", the colour of the test points and bars, and of nothing else
+STEPS = 4  # acc_step0..acc_step3, as in the paper's 5-way settings (update_step_test = 3)
+
+
+def row(iteration, split, accs, ci=(), loss=""):
+    """One log row: accs (fractions) for the first len(accs) steps, ci likewise, the other cells empty."""
+    cells = {"iteration": str(iteration), "split": split}
+    cells.update({f"acc_step{s}": str(accs[s]) if s < len(accs) else "" for s in range(STEPS)})
+    cells.update({f"ci95_step{s}": str(ci[s]) if s < len(ci) else "" for s in range(STEPS)})
+    cells.update({"loss": str(loss), "elapsed_s": str(1.5 * iteration)})
+    return cells
+
+
+def unfinished_log():
+    """A run stopped at iteration 1000: the untrained validation at 0, then train and val rows every 500."""
+    rows = [row(0, "val", [0.23, 0.28, 0.38, 0.47], [0.02, 0.016, 0.018, 0.022])]
+    for iteration, acc in ((500, 0.84), (1000, 0.91)):
+        rows.append(row(iteration, "train", [0.2, acc - 0.1], loss=0.8))
+        rows.append(row(iteration, "val", [0.2, acc, acc + 0.005, acc + 0.006], [0.02, 0.019, 0.019, 0.019]))
+    return rows
+
+
+def finished_log():
+    """The unfinished run taken on to 99 %, with its test row: the regime where the error view matters."""
+    return unfinished_log() + [
+        row(1500, "train", [0.2, 0.994], loss=0.02),
+        row(1500, "val", [0.21, 0.9944, 0.9944, 0.995], [0.019, 0.0044, 0.0044, 0.0043]),
+        row(1500, "test", [0.202, 0.9903, 0.9907, 0.9907], [0.015, 0.0043, 0.0043, 0.0043]),
+    ]
+
+
+def image(png):
+    """The PNG bytes as an RGB PIL image, after checking the signature."""
+    assert png[:8] == PNG_SIGNATURE
+    return Image.open(io.BytesIO(png)).convert("RGB")
+
+
+def has_test_red(img):
+    return any(color == TEST_RED for _, color in img.getcolors(img.width * img.height))
+
+
+def test_finished_run_draws_validation_and_test_panels():
+    img = image(curves.curves_png(finished_log(), "5w1s"))
+    assert img.size == (1320, 1020)  # 11 x 8.5 inches at 120 dpi: the validation panels and the test panels
+    assert has_test_red(img)
+
+
+def test_unfinished_run_draws_without_a_test_panel():
+    img = image(curves.curves_png(unfinished_log(), "5w1s"))
+    assert img.size == (900, 1020)  # 7.5 x 8.5 inches: only the validation panels
+    assert not has_test_red(img)
+
+
+def test_a_run_with_only_its_first_validation_draws():
+    """The log of a run that has just begun: one val row, one point per curve."""
+    assert image(curves.curves_png(unfinished_log()[:1], "just begun")).size == (900, 1020)
+
+
+@pytest.mark.filterwarnings("error")
+def test_errors_of_zero_and_intervals_below_zero_draw_on_the_log_axis():
+    """A perfect validation (error 0) and intervals that reach below 0 % error have no place on a log axis:
+    they are drawn at its bottom edge, without a warning from matplotlib."""
+    rows = finished_log()
+    rows[-2] = row(1500, "val", [0.2, 1.0, 1.0, 1.0], [0.02, 0.0, 0.0, 0.0])
+    rows[-1] = row(1500, "test", [0.2, 0.998, 1.0, 1.0], [0.015, 0.004, 0.0, 0.0])
+    assert has_test_red(image(curves.curves_png(rows, "perfect")))
+
+
+def red_pixels(rows):
+    return sum(count for count, color in image(curves.curves_png(rows, "t")).getcolors(10 ** 7) if color == TEST_RED)
+
+
+def test_a_test_error_of_zero_is_drawn_at_the_bottom_edge_not_dropped():
+    """Errors of 0 at steps 2 and 3 give as much red (test markers) as errors of 0.5 %: their markers are drawn
+    on the log axis's bottom edge, not left out as a log axis would leave them."""
+    rows = finished_log()
+    rows[-1] = row(1500, "test", [0.2, 0.99, 0.995, 0.995], [0.0] * STEPS)
+    small_errors = red_pixels(rows)
+    rows[-1] = row(1500, "test", [0.2, 0.99, 1.0, 1.0], [0.0] * STEPS)
+    assert red_pixels(rows) == pytest.approx(small_errors, rel=0.05)
+
+
+def test_an_empty_log_is_refused():
+    with pytest.raises(ValueError, match="no rows"):
+        curves.curves_png([], "empty")
+
+
+def test_error_labels_have_two_significant_digits():
+    assert [curves.percent(e) for e in (79.8, 16.4, 1.43, 0.967, 0)] == ["80", "16", "1.4", "0.97", "0"]
+
+
+def test_curves_does_not_import_pyplot():
+    """pyplot selects a backend and keeps global state; curves.py draws through Figure alone, also when it
+    draws, so that importing it changes nothing for the rest of the program."""
+    code = ("import sys, curves; curves.curves_png([{'iteration': '0', 'split': 'val', 'acc_step0': '0.2', "
+            "'ci95_step0': '0.02', 'loss': '', 'elapsed_s': '1'}], 't'); "
+            "assert 'matplotlib.pyplot' not in sys.modules, 'curves imported matplotlib.pyplot'")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
