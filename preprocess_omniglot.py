@@ -31,7 +31,8 @@ omniglot, folder python/) and checked against the official md5. Zips found local
 by structure instead (alphabet, character and drawing counts): rebuilt zips holding the official
 drawings are fine. Every problem with the input or output stops the script with a message that
 names the file and the fix, and never leaves a half-written output: both files are written
-under temporary names in the output folder and renamed into place only when complete.
+under temporary names in the output folder and renamed into place only when complete. The
+worker processes that decode the PNGs die with the script, even killed (see die_with_parent).
 
 Usage:
     python preprocess_omniglot.py [--zips data/] [--out data/omniglot.npy] [--force]
@@ -39,14 +40,18 @@ Usage:
 """
 
 import argparse
+import ctypes
 import functools
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import platform
+import signal
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import zipfile
@@ -67,6 +72,7 @@ IMAGE_SIZE = 28
 RESIZE_METHODS = ("nearest", "lanczos")
 WORKERS = min(2, os.cpu_count() or 1)
 OFFICIAL_URL = "https://github.com/brendenlake/omniglot/raw/master/python/{name}"
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>: the signal a process gets when its parent dies
 
 
 @dataclass(frozen=True)
@@ -241,14 +247,48 @@ def decode_drawings(zip_path, member_names, resize):
     return drawings
 
 
+def die_with_parent(parent_pid):
+    """Pool initializer: make this worker process end as soon as its parent ends, however it ends.
+
+    A pool's workers wait for jobs on a pipe that they hold open themselves, so they never see it
+    close: when the parent is killed with no chance to stop them (kill -9, the out-of-memory
+    killer), they would wait, or decode, forever. On Linux we ask the kernel to SIGKILL this worker
+    when its parent dies (prctl PR_SET_PDEATHSIG): it needs nothing from the worker, so it works
+    even in the middle of a decode or a blocked write. Where prctl does not exist, or fails, a
+    daemon thread checks twice a second whether we have been handed to another parent (os.getppid()
+    changed), which is what happens to the children of a dead process. Either way we check once
+    now, as the parent may have died before this ran. The death signal follows the thread that
+    forked the worker: decode_all starts the workers from the thread that calls it, which outlives
+    the pool.
+    """
+    asked_the_kernel = (
+        sys.platform == "linux" and ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    )
+    if not asked_the_kernel:
+        threading.Thread(target=exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def exit_when_orphaned(parent_pid):
+    """Poll until this process is no longer a child of parent_pid, then end it at once."""
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)
+
+
 def decode_all(jobs, resize, drawing_count):
     """Decode every job (zip path, member names) with a process pool; keep the job order.
 
-    Returns [drawing_count, 28, 28].
+    Returns [drawing_count, 28, 28]. The workers die with this process (die_with_parent). They are
+    forked, on Linux, so that they are children of this process whatever the Python version's
+    default start method (a "forkserver" would be their parent instead).
     """
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
     drawings = []
     with tqdm.tqdm(total=drawing_count, unit="drawing", desc="decoding") as bar:
-        with ProcessPoolExecutor(max_workers=WORKERS) as pool:
+        with ProcessPoolExecutor(max_workers=WORKERS, mp_context=context, initializer=die_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
             futures = [pool.submit(decode_drawings, zip_path, names, resize) for zip_path, names in jobs]
             for future in futures:
                 drawings.append(future.result())

@@ -3,7 +3,11 @@
 import hashlib
 import io
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -15,7 +19,7 @@ from PIL import Image
 import preprocess_omniglot
 from preprocess_omniglot import PreprocessError, main, preprocess
 
-from conftest import FAKE_BACKGROUND, FAKE_EVALUATION
+from conftest import FAKE_BACKGROUND, FAKE_EVALUATION, REAL_ZIPS
 
 FAKE_CLASS_COUNT = sum(FAKE_BACKGROUND.values()) + sum(FAKE_EVALUATION.values())
 
@@ -210,3 +214,64 @@ def test_real_data(real_omniglot_npy):
     assert sum(name.startswith("images_background/") for name in classes) == 964
     assert sum(name.startswith("images_evaluation/") for name in classes) == 659
     assert seconds < 60, f"preprocessing took {seconds:.1f} s"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability: workers die with the script.
+# ---------------------------------------------------------------------------------------------
+
+SCRIPT = Path(preprocess_omniglot.__file__)
+
+
+def process_state(pid):
+    """The state letter of process pid ("R", "S", "Z" for a zombie, ...), or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]  # after the command name, which may hold spaces
+
+
+def is_alive(pid):
+    return process_state(pid) not in (None, "Z")  # a killed orphan may wait as a zombie for init to reap it
+
+
+def child_pids(pid):
+    """The living children of process pid, found through /proc/*/stat (field 4 is the parent's pid)."""
+    children = []
+    for stat_path in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, parent = stat_path.read_text().rsplit(")", 1)[1].split()[:2]
+        except OSError:  # ended meanwhile
+            continue
+        if int(parent) == pid and state != "Z":
+            children.append(int(stat_path.parent.name))
+    return children
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="lists processes through /proc (Linux)")
+def test_workers_die_when_the_script_is_killed(tmp_path):
+    if not (REAL_ZIPS / "images_background.zip").exists():
+        pytest.skip(f"the real Omniglot zips are not in {REAL_ZIPS}")
+    command = [sys.executable, str(SCRIPT), "--zips", str(REAL_ZIPS), "--out", str(tmp_path / "omniglot.npy")]
+    script = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        deadline = time.monotonic() + 30
+        while len(workers) < preprocess_omniglot.WORKERS and script.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            workers = child_pids(script.pid)
+        assert len(workers) == preprocess_omniglot.WORKERS, f"the pool's workers never started: {workers}"
+
+        script.kill()  # SIGKILL: the script runs no cleanup
+        script.wait()
+        deadline = time.monotonic() + 5
+        while any(map(is_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in workers if is_alive(pid)], "workers outlived the killed script"
+    finally:
+        script.kill()
+        script.wait()
+        for pid in workers:  # only the workers this test started, should they have survived
+            if is_alive(pid):
+                os.kill(pid, signal.SIGKILL)
