@@ -41,6 +41,7 @@ What is guaranteed, even if the script is killed (kill -9, power cut) at any mom
     this script even without --force, and refused by load_omniglot, which training uses. A kill
     can leave a temporary file (omniglot.npy.*.tmp) behind, never a pair that is trusted.
   - The worker processes that decode the PNGs die with the script (see die_with_parent).
+  - A bad --out (a folder, or the sidecar's own name) is refused before anything is written.
 
 Usage:
     python preprocess_omniglot.py [--zips data/] [--out data/omniglot.npy] [--force]
@@ -466,11 +467,25 @@ def preprocess(zips_dir, out_path, force=False, resize="nearest"):
 
     A consistent existing pair made with the same resize method is kept unless force is true; any
     other is rebuilt. Raises PreprocessError with a message naming the file and the fix on any bad
-    input.
+    input, before writing anything if it is a bad out_path.
     """
     if resize not in RESIZE_METHODS:
         raise PreprocessError(f"unknown resize method {resize!r}; choose one of {', '.join(RESIZE_METHODS)}")
     out_path = Path(out_path)
+    if out_path.is_dir():
+        raise PreprocessError(
+            f"--out {out_path} is a folder; name the array file in it, e.g. --out {out_path / 'omniglot.npy'}"
+        )
+    if sidecar_path(out_path) == out_path:
+        raise PreprocessError(
+            f"--out {out_path} is the name of its own sidecar; name a .npy file, "
+            f"e.g. --out {out_path.with_suffix('.npy')}"
+        )
+    if sidecar_path(out_path).is_dir():
+        raise PreprocessError(
+            f"{sidecar_path(out_path)}, where the sidecar of --out {out_path} goes, is a folder; "
+            f"move it away or choose another --out"
+        )
     class_count = sum(spec.characters for spec in ZIPS)
     if not force and existing_output_is_valid(out_path, resize, class_count):
         print(f"{out_path} already exists and is valid; kept (use --force to rebuild).")

@@ -234,7 +234,7 @@ def test_real_data(real_omniglot_npy):
 
 
 # ---------------------------------------------------------------------------------------------
-# Reliability: workers die with the script, the pair is always consistent.
+# Reliability: workers die with the script, the pair is always consistent, a bad --out is refused.
 # ---------------------------------------------------------------------------------------------
 
 SCRIPT = Path(preprocess_omniglot.__file__)
@@ -323,6 +323,27 @@ def test_a_kill_between_the_two_renames_leaves_no_pair_that_is_trusted(fake_outp
     preprocess(fake_zips, out_path, resize=stale_resize)
     assert "kept" not in capsys.readouterr().out
     assert load_omniglot(out_path).shape == (FAKE_CLASS_COUNT, 20, 1, 28, 28)
+
+
+@pytest.mark.parametrize("folder_at", ["out", "sidecar"])
+def test_an_out_that_names_a_folder_is_refused_before_anything_is_written(fake_zips, tmp_path, capsys, folder_at):
+    out_path = tmp_path / "data" / "omniglot.npy"
+    folder = out_path if folder_at == "out" else out_path.with_suffix(".json")
+    folder.mkdir(parents=True)
+    before = sorted(tmp_path.rglob("*"))
+
+    assert main(["--zips", str(fake_zips), "--out", str(out_path)]) == 1
+    [error] = messages(capsys.readouterr().err)
+    assert str(folder) in error and "is a folder" in error
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_an_out_that_names_its_own_sidecar_is_refused(fake_zips, tmp_path, capsys):
+    out_path = tmp_path / "omniglot.json"
+    assert main(["--zips", str(fake_zips), "--out", str(out_path)]) == 1
+    [error] = messages(capsys.readouterr().err)
+    assert str(out_path) in error and "--out " + str(tmp_path / "omniglot.npy") in error
+    assert outputs_in(tmp_path) == []
 
 
 def test_a_failed_rename_leaves_nothing_behind(fake_zips, tmp_path, capsys, monkeypatch):
