@@ -41,7 +41,8 @@ What is guaranteed, even if the script is killed (kill -9, power cut) at any mom
     this script even without --force, and refused by load_omniglot, which training uses. A kill
     can leave a temporary file (omniglot.npy.*.tmp) behind, never a pair that is trusted.
   - The worker processes that decode the PNGs die with the script (see die_with_parent).
-  - A bad --out (a folder, or the sidecar's own name) is refused before anything is written.
+  - A bad --out (a folder, or the sidecar's own name) is refused before anything is written, with
+    exit status 2 like any bad argument (other errors exit 1).
 
 Usage:
     python preprocess_omniglot.py [--zips data/] [--out data/omniglot.npy] [--force]
@@ -462,15 +463,8 @@ def existing_output_is_valid(out_path, resize, class_count):
     return sidecar.get("resize") == resize and len(sidecar.get("classes", ())) == class_count
 
 
-def preprocess(zips_dir, out_path, force=False, resize="nearest"):
-    """Build out_path (the array) and its sidecar from the zips in zips_dir; return out_path.
-
-    A consistent existing pair made with the same resize method is kept unless force is true; any
-    other is rebuilt. Raises PreprocessError with a message naming the file and the fix on any bad
-    input, before writing anything if it is a bad out_path.
-    """
-    if resize not in RESIZE_METHODS:
-        raise PreprocessError(f"unknown resize method {resize!r}; choose one of {', '.join(RESIZE_METHODS)}")
+def check_out_path(out_path):
+    """Raise PreprocessError unless out_path can take the array, with its sidecar beside it."""
     out_path = Path(out_path)
     if out_path.is_dir():
         raise PreprocessError(
@@ -486,6 +480,19 @@ def preprocess(zips_dir, out_path, force=False, resize="nearest"):
             f"{sidecar_path(out_path)}, where the sidecar of --out {out_path} goes, is a folder; "
             f"move it away or choose another --out"
         )
+
+
+def preprocess(zips_dir, out_path, force=False, resize="nearest"):
+    """Build out_path (the array) and its sidecar from the zips in zips_dir; return out_path.
+
+    A consistent existing pair made with the same resize method is kept unless force is true; any
+    other is rebuilt. Raises PreprocessError with a message naming the file and the fix on any bad
+    input, before writing anything if it is a bad out_path.
+    """
+    if resize not in RESIZE_METHODS:
+        raise PreprocessError(f"unknown resize method {resize!r}; choose one of {', '.join(RESIZE_METHODS)}")
+    out_path = Path(out_path)
+    check_out_path(out_path)
     class_count = sum(spec.characters for spec in ZIPS)
     if not force and existing_output_is_valid(out_path, resize, class_count):
         print(f"{out_path} already exists and is valid; kept (use --force to rebuild).")
@@ -551,11 +558,14 @@ def main(argv=None):
     parser.add_argument("--resize", choices=RESIZE_METHODS, default="nearest",
                         help="nearest: as the MAML reference (default); lanczos: antialiased")
     args = parser.parse_args(argv)
+    status = 2  # a bad --out is a bad argument: exit 2, as argparse (and maml_omniglot.py) does
     try:
+        check_out_path(args.out)
+        status = 1  # from here on: bad input data, or a failed download or write
         preprocess(args.zips, args.out, force=args.force, resize=args.resize)
     except PreprocessError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return status
     return 0
 
 

@@ -332,7 +332,7 @@ def test_an_out_that_names_a_folder_is_refused_before_anything_is_written(fake_z
     folder.mkdir(parents=True)
     before = sorted(tmp_path.rglob("*"))
 
-    assert main(["--zips", str(fake_zips), "--out", str(out_path)]) == 1
+    assert main(["--zips", str(fake_zips), "--out", str(out_path)]) == 2
     [error] = messages(capsys.readouterr().err)
     assert str(folder) in error and "is a folder" in error
     assert sorted(tmp_path.rglob("*")) == before
@@ -340,7 +340,7 @@ def test_an_out_that_names_a_folder_is_refused_before_anything_is_written(fake_z
 
 def test_an_out_that_names_its_own_sidecar_is_refused(fake_zips, tmp_path, capsys):
     out_path = tmp_path / "omniglot.json"
-    assert main(["--zips", str(fake_zips), "--out", str(out_path)]) == 1
+    assert main(["--zips", str(fake_zips), "--out", str(out_path)]) == 2
     [error] = messages(capsys.readouterr().err)
     assert str(out_path) in error and "--out " + str(tmp_path / "omniglot.npy") in error
     assert outputs_in(tmp_path) == []
