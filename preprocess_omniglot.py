@@ -10,8 +10,9 @@ each laid out as  images_background/<Alphabet>/characterNN/NNNN_NN.png.  Every M
 all of them at 28x28, so this script decodes them once and saves a single float32 array:
 
     data/omniglot.npy    shape (1623, 20, 1, 28, 28) = (character, drawing, channel, row, column)
-    data/omniglot.json   the sidecar: class names in array order, each zip's size and md5,
-                         the resize method and the package versions used
+    data/omniglot.json   the sidecar: the size and sha256 of the exact bytes of omniglot.npy, class
+                         names in array order, each zip's size and md5, the resize method and the
+                         package versions used
 
 Order (never the order of a zip listing or of os.walk): background characters, then evaluation
 characters; within each zip sorted by alphabet folder name, then character folder name; the 20
@@ -29,9 +30,19 @@ binary images. The default, --resize nearest, reproduces that. --resize lanczos 
 A zip missing from --zips is downloaded from the official repository (github.com/brendenlake/
 omniglot, folder python/) and checked against the official md5. Zips found locally are checked
 by structure instead (alphabet, character and drawing counts): rebuilt zips holding the official
-drawings are fine. Every problem with the input or output stops the script with a message that
-names the file and the fix, and never leaves a half-written output: both files are written
-under temporary names in the output folder and renamed into place only when complete.
+drawings are fine. Every problem with the input or output stops the script with one line that
+names the file and the fix, and leaves nothing behind: no temporary file, no half-written output.
+
+What is guaranteed, even if the script is killed (kill -9, power cut) at any moment:
+  - The pair is consistent or refused. Both files are written under temporary names in the output
+    folder; the array is renamed into place first and the sidecar last, and the sidecar records the
+    sha256 of the array's bytes. A pair whose array does not match its sidecar's checksum (killed
+    between the renames, edited, damaged, or built before sidecars had checksums) is rebuilt by
+    this script even without --force, and refused by load_omniglot, which training uses. A kill
+    can leave a temporary file (omniglot.npy.*.tmp) behind, never a pair that is trusted.
+  - The worker processes that decode the PNGs die with the script (see die_with_parent).
+  - A bad --out (a folder, or the sidecar's own name) is refused before anything is written, with
+    exit status 2 like any bad argument (other errors exit 1).
 
 Usage:
     python preprocess_omniglot.py [--zips data/] [--out data/omniglot.npy] [--force]
@@ -39,14 +50,19 @@ Usage:
 """
 
 import argparse
+import ctypes
 import functools
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import platform
+import signal
+import stat
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import zipfile
@@ -67,6 +83,7 @@ IMAGE_SIZE = 28
 RESIZE_METHODS = ("nearest", "lanczos")
 WORKERS = min(2, os.cpu_count() or 1)
 OFFICIAL_URL = "https://github.com/brendenlake/omniglot/raw/master/python/{name}"
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>: the signal a process gets when its parent dies
 
 
 @dataclass(frozen=True)
@@ -92,6 +109,7 @@ ZIPS = (
     ZipSpec("images_background", alphabets=30, characters=964, md5="68d2efa1b9178cc56df9314c21c6e718"),
     ZipSpec("images_evaluation", alphabets=20, characters=659, md5="6b91aef0f799c5bb55b94e3f2daec811"),
 )
+CLASS_COUNT = sum(spec.characters for spec in ZIPS)  # 964 + 659 = 1623
 
 
 class PreprocessError(Exception):
@@ -241,14 +259,48 @@ def decode_drawings(zip_path, member_names, resize):
     return drawings
 
 
+def die_with_parent(parent_pid):
+    """Pool initializer: make this worker process end as soon as its parent ends, however it ends.
+
+    A pool's workers wait for jobs on a pipe that they hold open themselves, so they never see it
+    close: when the parent is killed with no chance to stop them (kill -9, the out-of-memory
+    killer), they would wait, or decode, forever. On Linux we ask the kernel to SIGKILL this worker
+    when its parent dies (prctl PR_SET_PDEATHSIG): it needs nothing from the worker, so it works
+    even in the middle of a decode or a blocked write. Where prctl does not exist, or fails, a
+    daemon thread checks twice a second whether we have been handed to another parent (os.getppid()
+    changed), which is what happens to the children of a dead process. Either way we check once
+    now, as the parent may have died before this ran. The death signal follows the thread that
+    forked the worker: decode_all starts the workers from the thread that calls it, which outlives
+    the pool.
+    """
+    asked_the_kernel = (
+        sys.platform == "linux" and ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    )
+    if not asked_the_kernel:
+        threading.Thread(target=exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def exit_when_orphaned(parent_pid):
+    """Poll until this process is no longer a child of parent_pid, then end it at once."""
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)
+
+
 def decode_all(jobs, resize, drawing_count):
     """Decode every job (zip path, member names) with a process pool; keep the job order.
 
-    Returns [drawing_count, 28, 28].
+    Returns [drawing_count, 28, 28]. The workers die with this process (die_with_parent). They are
+    forked, on Linux, so that they are children of this process whatever the Python version's
+    default start method (a "forkserver" would be their parent instead).
     """
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
     drawings = []
     with tqdm.tqdm(total=drawing_count, unit="drawing", desc="decoding") as bar:
-        with ProcessPoolExecutor(max_workers=WORKERS) as pool:
+        with ProcessPoolExecutor(max_workers=WORKERS, mp_context=context, initializer=die_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
             futures = [pool.submit(decode_drawings, zip_path, names, resize) for zip_path, names in jobs]
             for future in futures:
                 drawings.append(future.result())
@@ -257,7 +309,7 @@ def decode_all(jobs, resize, drawing_count):
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing: both files under temporary names, renamed into place only when complete.
+# Writing and checking the pair: the array, and the sidecar that records its checksum.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -265,19 +317,20 @@ def sidecar_path(out_path):
     return Path(out_path).with_suffix(".json")
 
 
-def existing_output_is_valid(out_path, resize, class_count):
-    """True if out_path and its sidecar are a complete output made with this resize method."""
-    try:
-        array = np.load(out_path, mmap_mode="r")
-        sidecar = json.loads(sidecar_path(out_path).read_text())
-    except (OSError, ValueError):
-        return False
-    return (
-        array.shape == (class_count, DRAWINGS_PER_CHARACTER, 1, IMAGE_SIZE, IMAGE_SIZE)
-        and array.dtype == np.float32
-        and sidecar.get("resize") == resize
-        and len(sidecar.get("classes", ())) == class_count
-    )
+class HashingFile:
+    """A file to write to that also keeps the size and sha256 of every byte written (for np.save).
+
+    sha256 hashes the 100 MB array in about 60 ms; hashing the bytes on their way to the file
+    records exactly what was written, without reading it back.
+    """
+
+    def __init__(self, file):
+        self.file, self.size, self.sha256 = file, 0, hashlib.sha256()
+
+    def write(self, data):
+        self.size += memoryview(data).nbytes
+        self.sha256.update(data)
+        return self.file.write(data)
 
 
 def open_temporary(directory, final_name):
@@ -292,15 +345,154 @@ def open_temporary(directory, final_name):
     return os.fdopen(handle, "wb"), Path(name)
 
 
+def save_omniglot(out_path, omniglot, sidecar):
+    """Write the array omniglot to out_path and the dict sidecar beside it, as a consistent pair.
+
+    The sidecar written gains an "array" entry: the size and sha256 of the exact bytes of out_path.
+    Both files go to temporary names in the output folder first; then the array is renamed into
+    place, then the sidecar. Killed between the two renames, we leave the new array beside the old
+    sidecar (or none), whose checksum does not match it: the pair is rebuilt by preprocess and
+    refused by load_omniglot, never trusted. On any error we remove what we wrote, the new array
+    included if its sidecar could not follow it, and raise PreprocessError.
+    """
+    out_path = Path(out_path)
+    array_file, array_temporary = open_temporary(out_path.parent, out_path.name)
+    written = [array_temporary]  # what to remove if we do not get to the end
+    try:
+        with array_file:
+            hashing = HashingFile(array_file)
+            np.save(hashing, omniglot)
+        sidecar = {"array": {"size": hashing.size, "sha256": hashing.sha256.hexdigest()}, **sidecar}
+        sidecar_file, sidecar_temporary = open_temporary(out_path.parent, sidecar_path(out_path).name)
+        written.append(sidecar_temporary)
+        with sidecar_file:
+            sidecar_file.write(json.dumps(sidecar, indent=1).encode())
+        os.replace(array_temporary, out_path)
+        written[0] = out_path
+        os.replace(sidecar_temporary, sidecar_path(out_path))
+        written = []
+    except OSError as error:  # disk full, folder removed meanwhile, ...
+        raise PreprocessError(f"cannot write {out_path} ({error}). Check the free space and --out.") from error
+    finally:
+        for path in written:
+            path.unlink(missing_ok=True)
+
+
+def read_output(path, class_count):
+    """Check the array at path against its sidecar; return (the array, the sidecar dict).
+
+    Accepts only a readable regular .npy file (no pickles) holding float32
+    [class_count, 20, 1, 28, 28], not all zeros, whose sidecar is JSON recording the size and
+    sha256 of the file's exact bytes. Otherwise raises PreprocessError with one line that names
+    the file and the fix. The checksum is computed from the same bytes the array is loaded from.
+    """
+    path = Path(path)
+    rebuild = f"rebuild it with: python preprocess_omniglot.py --force --out {path}"
+    try:
+        mode = path.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise PreprocessError(f"{path} is a folder, not an array file; name the .npy file, "
+                                  f"e.g. {path / 'omniglot.npy'}")
+        if not stat.S_ISREG(mode):
+            raise PreprocessError(f"{path} is not a regular file; {rebuild}")
+        data = path.read_bytes()
+    except FileNotFoundError as error:
+        raise PreprocessError(
+            f"{path} not found; build it with: python preprocess_omniglot.py --out {path}"
+        ) from error
+    except OSError as error:
+        raise PreprocessError(
+            f"cannot read {path} ({error.strerror or error}); make it readable or {rebuild}"
+        ) from error
+    if not data:
+        raise PreprocessError(f"{path} is empty; {rebuild}")
+    if not data.startswith(np.lib.format.MAGIC_PREFIX):
+        raise PreprocessError(f"{path} is not a .npy file (it does not start like one); {rebuild}")
+    try:
+        omniglot = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, EOFError) as error:  # a damaged header, missing data, pickled objects
+        raise PreprocessError(f"{path} is not a loadable .npy array ({error}); {rebuild}") from error
+    expected_shape = (class_count, DRAWINGS_PER_CHARACTER, 1, IMAGE_SIZE, IMAGE_SIZE)
+    if omniglot.shape != expected_shape or omniglot.dtype != np.float32:
+        raise PreprocessError(
+            f"{path} holds {omniglot.dtype} {omniglot.shape}, expected float32 {expected_shape}; {rebuild}"
+        )
+
+    sidecar_file = sidecar_path(path)
+    try:
+        sidecar = json.loads(sidecar_file.read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise PreprocessError(f"{path} has no sidecar {sidecar_file} to check it against; {rebuild}") from error
+    except OSError as error:
+        raise PreprocessError(
+            f"cannot read {sidecar_file}, the sidecar of {path} ({error.strerror or error}); {rebuild}"
+        ) from error
+    except ValueError as error:  # not JSON, not UTF-8
+        raise PreprocessError(f"{sidecar_file}, the sidecar of {path}, is not JSON ({error}); {rebuild}") from error
+    recorded = sidecar.get("array") if isinstance(sidecar, dict) else None
+    if not isinstance(recorded, dict) or "sha256" not in recorded:
+        raise PreprocessError(
+            f"{sidecar_file} records no checksum of {path}: it was written by an older "
+            f"preprocess_omniglot.py, so the pair cannot be checked; {rebuild}"
+        )
+    if recorded != {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}:
+        raise PreprocessError(
+            f"{path} does not match the size and sha256 recorded in its sidecar {sidecar_file}: the two "
+            f"were not written together, or one changed since; {rebuild}"
+        )
+    if not omniglot.any():
+        raise PreprocessError(f"{path} holds no strokes (every pixel is 0); {rebuild}")
+    return omniglot, sidecar
+
+
+def load_omniglot(path):
+    """The preprocessed Omniglot at path, float32 [1623, 20, 1, 28, 28]; what training loads.
+
+    Builds nothing: it checks the array against its sidecar (read_output) and raises
+    PreprocessError, with one line naming the file and the fix, if they are not a consistent pair.
+    """
+    return read_output(path, CLASS_COUNT)[0]
+
+
+def existing_output_is_valid(out_path, resize, class_count):
+    """True if out_path and its sidecar are a consistent pair made with this resize method."""
+    try:
+        _, sidecar = read_output(out_path, class_count)
+    except PreprocessError:
+        return False
+    return sidecar.get("resize") == resize and len(sidecar.get("classes", ())) == class_count
+
+
+def check_out_path(out_path):
+    """Raise PreprocessError unless out_path can take the array, with its sidecar beside it."""
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise PreprocessError(
+            f"--out {out_path} is a folder; name the array file in it, e.g. --out {out_path / 'omniglot.npy'}"
+        )
+    if sidecar_path(out_path) == out_path:
+        raise PreprocessError(
+            f"--out {out_path} is the name of its own sidecar; name a .npy file, "
+            f"e.g. --out {out_path.with_suffix('.npy')}"
+        )
+    if sidecar_path(out_path).is_dir():
+        raise PreprocessError(
+            f"{sidecar_path(out_path)}, where the sidecar of --out {out_path} goes, is a folder; "
+            f"move it away or choose another --out"
+        )
+
+
 def preprocess(zips_dir, out_path, force=False, resize="nearest"):
     """Build out_path (the array) and its sidecar from the zips in zips_dir; return out_path.
 
-    A valid existing output made with the same resize method is kept unless force is true.
-    Raises PreprocessError with a message naming the file and the fix on any bad input.
+    A consistent existing pair made with the same resize method is kept unless force is true; any
+    other is rebuilt. Raises PreprocessError with a message naming the file and the fix on any bad
+    input, before writing anything if it is a bad out_path.
     """
     if resize not in RESIZE_METHODS:
         raise PreprocessError(f"unknown resize method {resize!r}; choose one of {', '.join(RESIZE_METHODS)}")
     out_path = Path(out_path)
+    check_out_path(out_path)
     class_count = sum(spec.characters for spec in ZIPS)
     if not force and existing_output_is_valid(out_path, resize, class_count):
         print(f"{out_path} already exists and is valid; kept (use --force to rebuild).")
@@ -313,58 +505,44 @@ def preprocess(zips_dir, out_path, force=False, resize="nearest"):
         raise PreprocessError(
             f"cannot create the output folder {out_path.parent} ({error}). Choose another --out."
         ) from error
-    # Claim the temporary files first, so an unwritable folder fails before the slow part.
-    array_file, array_temporary = open_temporary(out_path.parent, out_path.name)
-    sidecar_file, sidecar_temporary = open_temporary(out_path.parent, sidecar_path(out_path).name)
-    try:
-        zip_paths = ensure_zips(zips_dir)
-        class_names, jobs = [], []
-        for spec, zip_path in zip(ZIPS, zip_paths):
-            characters = list_characters(zip_path, spec)
-            class_names += [name for name, _ in characters]
-            # One job per alphabet: big enough to amortise opening the zip, small enough to balance.
-            members_of_alphabet = defaultdict(list)
-            for name, members in characters:
-                members_of_alphabet[name.rsplit("/", 1)[0]] += members
-            jobs += [(zip_path, members) for members in members_of_alphabet.values()]
+    # Fail now, not after the slow part, if the folder cannot take new files.
+    probe_file, probe_path = open_temporary(out_path.parent, out_path.name)
+    probe_file.close()
+    probe_path.unlink()
 
-        drawing_count = len(class_names) * DRAWINGS_PER_CHARACTER
-        drawings = decode_all(jobs, resize, drawing_count)  # [1623 * 20, 28, 28]
-        omniglot = drawings.reshape(len(class_names), DRAWINGS_PER_CHARACTER, 1, IMAGE_SIZE, IMAGE_SIZE)
+    zip_paths = ensure_zips(zips_dir)
+    class_names, jobs = [], []
+    for spec, zip_path in zip(ZIPS, zip_paths):
+        characters = list_characters(zip_path, spec)
+        class_names += [name for name, _ in characters]
+        # One job per alphabet: big enough to amortise opening the zip, small enough to balance.
+        members_of_alphabet = defaultdict(list)
+        for name, members in characters:
+            members_of_alphabet[name.rsplit("/", 1)[0]] += members
+        jobs += [(zip_path, members) for members in members_of_alphabet.values()]
 
-        sidecar = {
-            "shape": list(omniglot.shape),
-            "dtype": str(omniglot.dtype),
-            "pixels": "1.0 = pen stroke, 0.0 = background",
-            "resize": resize,
-            "order": "images_background then images_evaluation; alphabets, characters and "
-            "drawings each sorted by name",
-            "classes": class_names,
-            "sources": {
-                path.name: {"size": path.stat().st_size, "md5": file_md5(path)} for path in zip_paths
-            },
-            "versions": {
-                "python": platform.python_version(),
-                "numpy": np.__version__,
-                "pillow": PIL.__version__,
-            },
-        }
-        try:
-            with array_file:
-                np.save(array_file, omniglot)
-            with sidecar_file:
-                sidecar_file.write(json.dumps(sidecar, indent=1).encode())
-            os.replace(sidecar_temporary, sidecar_path(out_path))
-            os.replace(array_temporary, out_path)
-        except OSError as error:  # disk full, folder removed meanwhile, ...
-            raise PreprocessError(
-                f"cannot write {out_path} ({error}). Check the free space and --out."
-            ) from error
-    finally:
-        array_file.close()
-        sidecar_file.close()
-        array_temporary.unlink(missing_ok=True)
-        sidecar_temporary.unlink(missing_ok=True)
+    drawing_count = len(class_names) * DRAWINGS_PER_CHARACTER
+    drawings = decode_all(jobs, resize, drawing_count)  # [1623 * 20, 28, 28]
+    omniglot = drawings.reshape(len(class_names), DRAWINGS_PER_CHARACTER, 1, IMAGE_SIZE, IMAGE_SIZE)
+
+    sidecar = {
+        "shape": list(omniglot.shape),
+        "dtype": str(omniglot.dtype),
+        "pixels": "1.0 = pen stroke, 0.0 = background",
+        "resize": resize,
+        "order": "images_background then images_evaluation; alphabets, characters and "
+        "drawings each sorted by name",
+        "classes": class_names,
+        "sources": {
+            path.name: {"size": path.stat().st_size, "md5": file_md5(path)} for path in zip_paths
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "pillow": PIL.__version__,
+        },
+    }
+    save_omniglot(out_path, omniglot, sidecar)
 
     seconds = time.perf_counter() - started
     print(f"Wrote {out_path} {omniglot.shape} and {sidecar_path(out_path).name}: "
@@ -380,11 +558,14 @@ def main(argv=None):
     parser.add_argument("--resize", choices=RESIZE_METHODS, default="nearest",
                         help="nearest: as the MAML reference (default); lanczos: antialiased")
     args = parser.parse_args(argv)
+    status = 2  # a bad --out is a bad argument: exit 2, as argparse (and maml_omniglot.py) does
     try:
+        check_out_path(args.out)
+        status = 1  # from here on: bad input data, or a failed download or write
         preprocess(args.zips, args.out, force=args.force, resize=args.resize)
     except PreprocessError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return status
     return 0
 
 

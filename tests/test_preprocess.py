@@ -3,7 +3,13 @@
 import hashlib
 import io
 import json
+import os
+import pickle
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 import time
 import zipfile
 from pathlib import Path
@@ -13,9 +19,9 @@ import pytest
 from PIL import Image
 
 import preprocess_omniglot
-from preprocess_omniglot import PreprocessError, main, preprocess
+from preprocess_omniglot import PreprocessError, load_omniglot, main, preprocess
 
-from conftest import FAKE_BACKGROUND, FAKE_EVALUATION
+from conftest import FAKE_BACKGROUND, FAKE_EVALUATION, REAL_ZIPS
 
 FAKE_CLASS_COUNT = sum(FAKE_BACKGROUND.values()) + sum(FAKE_EVALUATION.values())
 
@@ -34,6 +40,18 @@ def outputs_in(folder):
     return sorted(path.name for path in folder.iterdir() if path.name.startswith("omniglot"))
 
 
+def messages(stderr):
+    """The lines of stderr without the progress bar's (tqdm redraws it after each carriage return)."""
+    return [line for line in stderr.splitlines() if line and not line.startswith("decoding:")]
+
+
+@pytest.fixture
+def fake_output(fake_zips, tmp_path, monkeypatch):
+    """The pair preprocessed from the fake zips, with load_omniglot told to expect their class count."""
+    monkeypatch.setattr(preprocess_omniglot, "CLASS_COUNT", FAKE_CLASS_COUNT)
+    return preprocess(fake_zips, tmp_path / "data" / "omniglot.npy")
+
+
 def test_output_shape_range_order_and_sidecar(fake_zips, tmp_path):
     out_path = tmp_path / "out" / "omniglot.npy"
     assert preprocess(fake_zips, out_path) == out_path
@@ -49,6 +67,8 @@ def test_output_shape_range_order_and_sidecar(fake_zips, tmp_path):
     assert sidecar["resize"] == "nearest"
     assert sidecar["shape"] == [FAKE_CLASS_COUNT, 20, 1, 28, 28]
     assert set(sidecar["versions"]) >= {"python", "numpy", "pillow"}
+    array_bytes = out_path.read_bytes()
+    assert sidecar["array"] == {"size": len(array_bytes), "sha256": hashlib.sha256(array_bytes).hexdigest()}
     for zip_name, source in sidecar["sources"].items():
         assert source == {"size": (fake_zips / zip_name).stat().st_size,
                           "md5": preprocess_omniglot.file_md5(fake_zips / zip_name)}
@@ -206,7 +226,243 @@ def test_real_data(real_omniglot_npy):
     out_path, seconds = real_omniglot_npy
     omniglot = np.load(out_path, mmap_mode="r")
     assert omniglot.shape == (1623, 20, 1, 28, 28)
+    np.testing.assert_array_equal(load_omniglot(out_path), omniglot)
     classes = json.loads(out_path.with_suffix(".json").read_text())["classes"]
     assert sum(name.startswith("images_background/") for name in classes) == 964
     assert sum(name.startswith("images_evaluation/") for name in classes) == 659
     assert seconds < 60, f"preprocessing took {seconds:.1f} s"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability: workers die with the script, the pair is always consistent, a bad --out is refused.
+# ---------------------------------------------------------------------------------------------
+
+SCRIPT = Path(preprocess_omniglot.__file__)
+
+
+def process_state(pid):
+    """The state letter of process pid ("R", "S", "Z" for a zombie, ...), or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]  # after the command name, which may hold spaces
+
+
+def is_alive(pid):
+    return process_state(pid) not in (None, "Z")  # a killed orphan may wait as a zombie for init to reap it
+
+
+def child_pids(pid):
+    """The living children of process pid, found through /proc/*/stat (field 4 is the parent's pid)."""
+    children = []
+    for stat_path in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, parent = stat_path.read_text().rsplit(")", 1)[1].split()[:2]
+        except OSError:  # ended meanwhile
+            continue
+        if int(parent) == pid and state != "Z":
+            children.append(int(stat_path.parent.name))
+    return children
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="lists processes through /proc (Linux)")
+def test_workers_die_when_the_script_is_killed(tmp_path):
+    if not (REAL_ZIPS / "images_background.zip").exists():
+        pytest.skip(f"the real Omniglot zips are not in {REAL_ZIPS}")
+    command = [sys.executable, str(SCRIPT), "--zips", str(REAL_ZIPS), "--out", str(tmp_path / "omniglot.npy")]
+    script = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        deadline = time.monotonic() + 30
+        while len(workers) < preprocess_omniglot.WORKERS and script.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            workers = child_pids(script.pid)
+        assert len(workers) == preprocess_omniglot.WORKERS, f"the pool's workers never started: {workers}"
+
+        script.kill()  # SIGKILL: the script runs no cleanup
+        script.wait()
+        deadline = time.monotonic() + 5
+        while any(map(is_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in workers if is_alive(pid)], "workers outlived the killed script"
+    finally:
+        script.kill()
+        script.wait()
+        for pid in workers:  # only the workers this test started, should they have survived
+            if is_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_kill_between_the_two_renames_leaves_no_pair_that_is_trusted(fake_output, fake_zips, capsys):
+    out_path = fake_output  # made with resize="nearest"
+    # Rebuild with lanczos in a child process that is killed (SIGKILL: no cleanup runs) at its second
+    # rename, so that one file of the pair is new and the other old.
+    child = textwrap.dedent(f"""
+        import os, signal
+        import preprocess_omniglot
+        from preprocess_omniglot import ZipSpec
+        preprocess_omniglot.ZIPS = {preprocess_omniglot.ZIPS!r}
+        renames = []
+        def replace_but_die_at_the_second(source, destination, replace=os.replace):
+            renames.append(destination)
+            if len(renames) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            replace(source, destination)
+        os.replace = replace_but_die_at_the_second
+        preprocess_omniglot.preprocess({str(fake_zips)!r}, {str(out_path)!r}, force=True, resize="lanczos")
+    """)
+    child_run = subprocess.run([sys.executable, "-c", child], cwd=SCRIPT.parent, capture_output=True, text=True)
+    assert child_run.returncode == -signal.SIGKILL, child_run.stderr
+
+    stale_resize = json.loads(out_path.with_suffix(".json").read_text())["resize"]
+    assert not preprocess_omniglot.existing_output_is_valid(out_path, stale_resize, FAKE_CLASS_COUNT)
+    with pytest.raises(PreprocessError, match="does not match"):
+        load_omniglot(out_path)
+    capsys.readouterr()
+    preprocess(fake_zips, out_path, resize=stale_resize)
+    assert "kept" not in capsys.readouterr().out
+    assert load_omniglot(out_path).shape == (FAKE_CLASS_COUNT, 20, 1, 28, 28)
+
+
+@pytest.mark.parametrize("folder_at", ["out", "sidecar"])
+def test_an_out_that_names_a_folder_is_refused_before_anything_is_written(fake_zips, tmp_path, capsys, folder_at):
+    out_path = tmp_path / "data" / "omniglot.npy"
+    folder = out_path if folder_at == "out" else out_path.with_suffix(".json")
+    folder.mkdir(parents=True)
+    before = sorted(tmp_path.rglob("*"))
+
+    assert main(["--zips", str(fake_zips), "--out", str(out_path)]) == 2
+    [error] = messages(capsys.readouterr().err)
+    assert str(folder) in error and "is a folder" in error
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_an_out_that_names_its_own_sidecar_is_refused(fake_zips, tmp_path, capsys):
+    out_path = tmp_path / "omniglot.json"
+    assert main(["--zips", str(fake_zips), "--out", str(out_path)]) == 2
+    [error] = messages(capsys.readouterr().err)
+    assert str(out_path) in error and "--out " + str(tmp_path / "omniglot.npy") in error
+    assert outputs_in(tmp_path) == []
+
+
+def test_a_failed_rename_leaves_nothing_behind(fake_zips, tmp_path, capsys, monkeypatch):
+    renames = []
+
+    def replace_but_fail_at_the_second(source, destination, replace=os.replace):
+        renames.append(destination)
+        if len(renames) == 2:
+            raise PermissionError(13, "Permission denied", str(destination))
+        replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", replace_but_fail_at_the_second)
+    assert main(["--zips", str(fake_zips), "--out", str(tmp_path / "omniglot.npy")]) == 1
+    [error] = messages(capsys.readouterr().err)
+    assert "Permission denied" in error
+    assert outputs_in(tmp_path) == []
+
+
+def test_an_old_sidecar_without_checksum_is_rebuilt_without_force(fake_output, fake_zips, capsys):
+    sidecar_path = fake_output.with_suffix(".json")
+    sidecar = json.loads(sidecar_path.read_text())
+    del sidecar["array"]
+    sidecar_path.write_text(json.dumps(sidecar))
+    capsys.readouterr()
+
+    preprocess(fake_zips, fake_output)
+    assert "kept" not in capsys.readouterr().out
+    assert "array" in json.loads(sidecar_path.read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# load_omniglot: what training loads; it builds nothing, and refuses any pair it cannot trust.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_class_count_is_both_zips_together():
+    assert preprocess_omniglot.CLASS_COUNT == 964 + 659 == 1623
+
+
+def test_load_omniglot_returns_the_array(fake_output):
+    omniglot = load_omniglot(fake_output)
+    assert omniglot.dtype == np.float32 and omniglot.shape == (FAKE_CLASS_COUNT, 20, 1, 28, 28)
+    np.testing.assert_array_equal(omniglot, np.load(fake_output))
+
+
+def rewrite_sidecar(path, change):
+    sidecar_path = path.with_suffix(".json")
+    sidecar = json.loads(sidecar_path.read_text())
+    change(sidecar)
+    sidecar_path.write_text(json.dumps(sidecar))
+
+
+def break_unreadable(path, monkeypatch):
+    """Unreadable; as root, chmod cannot make a file unreadable, so read_bytes is told to fail."""
+    read_bytes = Path.read_bytes
+
+    def refuse(self):
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+
+
+def break_not_consistent(path, monkeypatch):
+    """Another valid array of the same shape in place of the one the sidecar describes."""
+    omniglot = np.load(path)
+    np.save(path, omniglot[::-1].copy())
+
+
+def break_all_zeros(path, monkeypatch):
+    """All zeros, in a pair that is otherwise consistent."""
+    preprocess_omniglot.save_omniglot(path, np.zeros((FAKE_CLASS_COUNT, 20, 1, 28, 28), np.float32), {})
+
+
+@pytest.mark.parametrize("damage, expected", [
+    pytest.param(lambda path, _: path.unlink(), "not found; build it with: python preprocess_omniglot.py --out",
+                 id="missing"),
+    pytest.param(lambda path, _: (path.unlink(), path.mkdir()),
+                 "is a folder, not an array file; name the .npy file, e.g.", id="folder"),
+    pytest.param(lambda path, _: (path.unlink(), os.mkfifo(path)), "is not a regular file", id="fifo"),
+    pytest.param(break_unreadable, "cannot read", id="unreadable"),
+    pytest.param(lambda path, _: path.write_bytes(b""), "is empty", id="empty"),
+    pytest.param(lambda path, _: path.write_text("strokes, 1623 classes"), "is not a .npy file", id="text"),
+    pytest.param(lambda path, _: path.write_bytes(pickle.dumps(np.load(path))), "is not a .npy file", id="pickle"),
+    pytest.param(lambda path, _: np.save(path, np.array([{}], dtype=object), allow_pickle=True),
+                 "is not a loadable .npy array (Object arrays cannot be loaded when allow_pickle=False)",
+                 id="objects"),
+    pytest.param(lambda path, _: path.write_bytes(path.read_bytes()[:-100]), "is not a loadable .npy array (",
+                 id="truncated"),
+    pytest.param(lambda path, _: np.save(path, np.load(path)[:5]),
+                 "holds float32 (5, 20, 1, 28, 28), expected float32 (8,", id="shape"),
+    pytest.param(lambda path, _: np.save(path, np.load(path).astype(np.float64)),
+                 "holds float64 (8, 20, 1, 28, 28), expected", id="dtype"),
+    pytest.param(lambda path, _: path.with_suffix(".json").unlink(), "has no sidecar", id="no-sidecar"),
+    pytest.param(lambda path, _: path.with_suffix(".json").write_text("{"), "is not JSON", id="sidecar-not-json"),
+    pytest.param(lambda path, _: rewrite_sidecar(path, lambda sidecar: sidecar.pop("array")),
+                 "written by an older", id="sidecar-without-checksum"),
+    pytest.param(break_not_consistent, "does not match the size and sha256 recorded in its sidecar",
+                 id="another-array"),
+    pytest.param(lambda path, _: path.write_bytes(path.read_bytes()[:-1] + b"\x01"), "does not match",
+                 id="one-byte-changed"),
+    pytest.param(break_all_zeros, "holds no strokes", id="all-zeros"),
+])
+def test_load_omniglot_refuses_what_it_cannot_trust(fake_output, monkeypatch, damage, expected):
+    damage(fake_output, monkeypatch)
+    with pytest.raises(PreprocessError) as refusal:
+        load_omniglot(fake_output)
+    message = str(refusal.value)
+    assert expected in message and str(fake_output) in message and "\n" not in message
+    assert "preprocess_omniglot.py" in message or "e.g. " + str(fake_output / "omniglot.npy") in message
+
+
+def test_load_omniglot_keeps_the_training_wording_for_a_wrong_shape(tmp_path):
+    path = tmp_path / "small.npy"
+    np.save(path, np.zeros((10, 20, 1, 28, 28), dtype=np.float32))
+    with pytest.raises(PreprocessError) as refusal:
+        load_omniglot(path)
+    assert str(refusal.value) == (
+        f"{path} holds float32 (10, 20, 1, 28, 28), expected float32 (1623, 20, 1, 28, 28); "
+        f"rebuild it with: python preprocess_omniglot.py --force --out {path}"
+    )
