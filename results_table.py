@@ -1,19 +1,40 @@
-"""Write the README's results table from results/*/summary.json.
+"""Write the README's results table from results/*/summary.json, and publish finished runs into results/.
 
-    python results_table.py          # rewrite the table between the markers in README.md
-    python results_table.py --check  # exit 1 if README.md's table is not what results/ says
+    python results_table.py                    # rewrite the table between the markers in README.md
+    python results_table.py --check            # exit 1 if README.md's table is not what results/ says
+    python results_table.py --publish RUN_DIR [--as NAME] [--without-weights]
+                                               # copy the finished run in RUN_DIR to results/NAME/, rewrite the table
 
 Our numbers come only from summary.json files that maml_omniglot.py wrote; a paper setting with no
-run in results/<setting>/ says so. Runs in other folders (short reference runs) get rows of their own.
+run in results/<setting>/ says so. Runs in other folders (more seeds, short reference runs) get rows of
+their own under their setting's row. Where two or more finished runs of a setting differ only in their
+seed (their configs agree on everything but NOT_HYPERPARAMETERS), a row "<setting>, N seeds" follows
+them: the mean ± the sample standard deviation (ddof=1) over the seeds of the test accuracy after
+update_step_test steps; each run's own row keeps its 95% interval over test tasks. Runs still in
+progress do not count, and of two runs with the same seed only the first in the table does.
+
+--publish copies summary.json, log.csv, curves.png and model.pt (the trained weights) of a run whose
+summary.json says "finished" into results/NAME/ (NAME: RUN_DIR's folder name unless --as gives one),
+then rewrites the table. A run without model.pt is refused unless --without-weights says to publish it
+without. So is a destination that holds anything but an unfinished run, which the finished one replaces.
+The files go into a hidden folder beside the destination and are renamed into place, so a failure leaves
+results/ as it was.
+
+Exit codes: 0 done; 1 --check found the table out of date; 2 bad input (a summary.json that is not JSON
+or lacks a key the table needs, a README.md without the markers) or a refused --publish, told in one
+line on stderr that names the file or value and the fix, with nothing written.
 """
 
 import argparse
 import json
 import os
+import reprlib
+import shutil
+import statistics
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent  # the repository: README.md and results/ (tests point it elsewhere)
 BEGIN, END = "<!-- results table: begin (python results_table.py) -->", "<!-- results table: end -->"
 PAPER = {  # Finn et al. 2017, Table 1, Omniglot, MAML (second order)
     "5w1s": "98.7 ± 0.4 %",
@@ -21,6 +42,93 @@ PAPER = {  # Finn et al. 2017, Table 1, Omniglot, MAML (second order)
     "20w1s": "95.8 ± 0.3 %",
     "20w5s": "98.9 ± 0.2 %",
 }
+PAPER_ITERATIONS = 60_000
+# Config keys that say where a run wrote and ran, not what it learned: runs that differ only in these and
+# the seed are seeds of one setting.
+NOT_HYPERPARAMETERS = ("seed", "out", "data", "device", "checkpoint_every")
+PUBLISHED_FILES = ("summary.json", "log.csv", "curves.png", "model.pt")
+REGENERATE = "regenerate it with today's maml_omniglot.py (rerun its command)"
+
+
+class BadInput(Exception):
+    """A file or value this script cannot use; the message names it and the fix (exit code 2)."""
+
+
+def shown(path):
+    """path relative to ROOT where it is inside it (results/5w1s/summary.json), else as given."""
+    try:
+        return Path(path).resolve().relative_to(ROOT.resolve())
+    except ValueError:
+        return path
+
+
+def why(error):
+    """The one-line reason of an OSError or a decoding error."""
+    return getattr(error, "strerror", None) or str(error)
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# What the table reads from a summary.json: dotted key -> (what it must be, test).
+NUMBER = ("a number", is_number)
+NUMBERS = ("a non-empty list of numbers", lambda v: isinstance(v, list) and v != [] and all(map(is_number, v)))
+TEXT = ("a string", lambda v: isinstance(v, str))
+OPTIONAL_TEXT = ("a string or null", lambda v: v is None or isinstance(v, str))
+OBJECTS = ("a non-empty list of objects", lambda v: isinstance(v, list) and v != [] and
+           all(isinstance(x, dict) for x in v))
+OPTIONAL_OBJECT = ("an object or null", lambda v: v is None or isinstance(v, dict))
+SUMMARY_KEYS = {"iteration": NUMBER, "config.setting": TEXT, "config.seed": NUMBER, "config.iterations": NUMBER,
+                "segments": OBJECTS, "wall_time_s": NUMBER}
+FINISHED_KEYS = {"test.accs": NUMBERS, "test.ci95": NUMBERS, "test.tasks": NUMBER}
+IN_PROGRESS_KEYS = {"last_validation": OPTIONAL_OBJECT}
+VALIDATION_KEYS = {"last_validation.iteration": NUMBER, "last_validation.accs": NUMBERS,
+                   "last_validation.ci95": NUMBERS}
+SEGMENT_KEYS = {"device.type": TEXT, "device.name": TEXT, "git.commit": OPTIONAL_TEXT}
+
+
+def require(record, keys, path, prefix=""):
+    """Raise BadInput naming path and the first of keys ({dotted key: kind}) that record lacks or holds a value
+    of another kind in; prefix is prepended to the key in the message (segments[0].)."""
+    for dotted, (kind, test) in keys.items():
+        value = record
+        for part in dotted.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise BadInput(f'{shown(path)} lacks "{prefix}{dotted}", which the results table needs: {REGENERATE}')
+            value = value[part]
+        if not test(value):
+            raise BadInput(f'{shown(path)}: "{prefix}{dotted}" is {reprlib.repr(value)}, not {kind}: {REGENERATE}')
+
+
+def load_summary(path):
+    """The summary.json at path, checked to hold everything describe() and table() read; BadInput if not."""
+    try:
+        summary = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise BadInput(f"cannot read {shown(path)}: {why(error)}") from None
+    except ValueError as error:
+        raise BadInput(f"{shown(path)} is not valid JSON ({error}): {REGENERATE}") from None
+    if not isinstance(summary, dict):
+        raise BadInput(f"{shown(path)} holds a JSON {type(summary).__name__}, not an object: {REGENERATE}")
+    status = summary.get("status")
+    if status not in ("finished", "in progress"):
+        what = "lacks \"status\"" if "status" not in summary else f'has "status" {reprlib.repr(status)}'
+        raise BadInput(f'{shown(path)} {what}, which must be "finished" or "in progress": {REGENERATE}')
+    require(summary, SUMMARY_KEYS | (FINISHED_KEYS if status == "finished" else IN_PROGRESS_KEYS), path)
+    if status == "in progress" and summary["last_validation"] is not None:
+        require(summary, VALIDATION_KEYS, path)
+    for number, segment in enumerate(summary["segments"]):
+        cpu_keys = {"device.cpu_threads": NUMBER} if segment.get("device", {}).get("type") == "cpu" else {}
+        require(segment, SEGMENT_KEYS | cpu_keys, path, prefix=f"segments[{number}].")
+    return summary
+
+
+def load_runs():
+    """{folder name: summary} for every results/*/summary.json, each checked by load_summary. Hidden folders
+    (a --publish in the middle of its copy) are not runs."""
+    paths = sorted((ROOT / "results").glob("*/summary.json"))
+    return {path.parent.name: load_summary(path) for path in paths if not path.parent.name.startswith(".")}
 
 
 def unique(values):
@@ -30,68 +138,226 @@ def unique(values):
 def describe(summary):
     """Ours (accuracy after update_step_test steps, with its 95% interval), iterations, wall time, device, commit.
 
-    A run still in progress shows its last validation instead, and how far it has got. A run resumed on
-    other devices or at other commits lists each one (summary.json's "segments"; older summaries have none).
+    A run still in progress shows its last validation instead (if it has had one), and how far it has got.
+    A run resumed on other devices or at other commits lists each one (summary.json's "segments").
     """
     cfg = summary["config"]
-    if summary.get("status", "finished") == "finished":
+    if summary["status"] == "finished":
         test = summary["test"]
         ours = f"{100 * test['accs'][-1]:.1f} ± {100 * test['ci95'][-1]:.1f} % ({test['tasks']} tasks)"
         iterations = f"{cfg['iterations']:,}"
     else:
         val = summary["last_validation"]
-        ours = (f"in progress: validation {100 * val['accs'][-1]:.1f} ± {100 * val['ci95'][-1]:.1f} % "
-                f"at iteration {val['iteration']:,}")
+        ours = "in progress: no validation yet" if val is None else (
+            f"in progress: validation {100 * val['accs'][-1]:.1f} ± {100 * val['ci95'][-1]:.1f} % "
+            f"at iteration {val['iteration']:,}")
         iterations = f"{summary['iteration']:,} of {cfg['iterations']:,}"
-    segments = summary.get("segments") or [summary]
     devices = []
-    for segment in segments:
+    for segment in summary["segments"]:
         device = segment["device"]["name"]
         if segment["device"]["type"] == "cpu":
             device += f", {segment['device']['cpu_threads']} threads"
         devices.append(device)
-    commits = [(segment["git"]["commit"] or "unknown")[:10] for segment in segments]
+    commits = [(segment["git"]["commit"] or "unknown")[:10] for segment in summary["segments"]]
     return (ours, iterations, f"{summary['wall_time_s'] / 3600:.2f} h", "; ".join(unique(devices)),
             ", ".join(unique(commits)))
 
 
-def table():
+def paper_cell(setting, iterations):
+    """The paper's number for setting, saying that it was reached at 60,000 iterations where ours ran fewer or more."""
+    paper = PAPER.get(setting, "")
+    return f"{paper} (at {PAPER_ITERATIONS:,} iterations)" if paper and iterations != PAPER_ITERATIONS else paper
+
+
+def seed_groups(runs):
+    """The finished runs among runs ([summary], in table order) that are seeds of one setting: grouped by their
+    config without NOT_HYPERPARAMETERS, the first run of each seed, only groups of two seeds or more."""
+    groups = {}
+    for summary in runs:
+        if summary["status"] == "finished":
+            cfg = summary["config"]
+            key = json.dumps({k: v for k, v in cfg.items() if k not in NOT_HYPERPARAMETERS}, sort_keys=True)
+            groups.setdefault(key, {}).setdefault(cfg["seed"], summary)
+    return [list(by_seed.values()) for by_seed in groups.values() if len(by_seed) > 1]
+
+
+def seeds_row(setting, seeds):
+    """The row "<setting>, N seeds": mean ± sample std (ddof=1) over the seeds of the test accuracy after
+    update_step_test steps, the iterations they share, and their wall time added up."""
+    accs = [100 * summary["test"]["accs"][-1] for summary in seeds]
+    numbers = ", ".join(str(seed) for seed in sorted(summary["config"]["seed"] for summary in seeds))
+    ours = f"{statistics.mean(accs):.1f} ± {statistics.stdev(accs):.1f} % (mean ± sample std, seeds {numbers})"
+    iterations = seeds[0]["config"]["iterations"]
+    wall_time = f"{sum(summary['wall_time_s'] for summary in seeds) / 3600:.2f} h in all"
+    return f"| {setting}, {len(seeds)} seeds | {paper_cell(setting, iterations)} | {ours} | {iterations:,} | " \
+           f"{wall_time} |  |  |"
+
+
+def table(runs=None):
+    """The markdown table of runs ({folder name: summary}; by default load_runs()), one block per setting.
+
+    A paper setting's block starts with results/<setting>/ (or "not run yet"); then come, sorted by folder
+    name, the other folders whose config has that setting, then a seeds row per group of seeds.
+    """
+    runs = load_runs() if runs is None else runs
+    others = {name: summary for name, summary in runs.items() if name not in PAPER}
+    settings = list(PAPER) + sorted({summary["config"]["setting"] for summary in others.values()} - set(PAPER))
     lines = ["| setting | MAML paper | ours | meta-iterations | wall time | device | commit |",
              "|---|---|---|---|---|---|---|"]
-    for setting, paper in PAPER.items():
-        summary_path = ROOT / "results" / setting / "summary.json"
-        if summary_path.exists():
-            cells = describe(json.loads(summary_path.read_text()))
-        else:
-            cells = ("not run yet", "", "", "", "")
-        lines.append(f"| {setting} | {paper} | " + " | ".join(cells) + " |")
-    for summary_path in sorted((ROOT / "results").glob("*/summary.json")):
-        name = summary_path.parent.name
-        if name not in PAPER:
-            summary = json.loads(summary_path.read_text())
-            lines.append(f"| {name} | {PAPER.get(summary['config']['setting'], '')} (at 60,000 iterations) | "
-                         + " | ".join(describe(summary)) + " |")
+    for setting in settings:
+        block = [(name, summary) for name, summary in sorted(others.items())
+                 if summary["config"]["setting"] == setting]
+        if setting in PAPER and setting in runs:
+            block.insert(0, (setting, runs[setting]))
+        elif setting in PAPER:
+            lines.append(f"| {setting} | {PAPER[setting]} | not run yet |  |  |  |  |")
+        for name, summary in block:
+            paper = paper_cell(summary["config"]["setting"], summary["config"]["iterations"])
+            lines.append(f"| {name} | {paper} | " + " | ".join(describe(summary)) + " |")
+        lines += [seeds_row(setting, seeds) for seeds in seed_groups([summary for _, summary in block])]
     return "\n".join(lines)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true", help="only check that README.md is up to date")
-    args = parser.parse_args(argv)
-    readme_path = ROOT / "README.md"
-    readme = readme_path.read_text()
-    if BEGIN not in readme or END not in readme:
-        sys.exit(f"error: README.md has no results-table markers; put {BEGIN!r} and {END!r} where it goes")
+def read_readme():
+    """README.md's text, checked to hold the table's markers; BadInput if it cannot be read or has none."""
+    path = ROOT / "README.md"
+    try:
+        readme = path.read_text(encoding="utf-8")
+    except (OSError, ValueError) as error:
+        raise BadInput(f"cannot read {shown(path)}: {why(error)}") from None
+    if BEGIN not in readme or END not in readme.split(BEGIN, 1)[1]:
+        raise BadInput(f"{shown(path)} has no results-table markers: put the line {BEGIN!r} and, below it, the line "
+                       f"{END!r} where the table goes")
+    return readme
+
+
+def with_table(readme, text):
+    """readme with text between its markers in place of what was there."""
     head, rest = readme.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    updated = f"{head}{BEGIN}\n{table()}\n{END}{tail}"
-    if args.check:
-        if updated != readme:
-            sys.exit("error: README.md's results table is out of date: run python results_table.py")
+    return f"{head}{BEGIN}\n{text}\n{END}{tail}"
+
+
+def write_text(path, text):
+    """Write text to path (a temporary name), BadInput (naming path) if that fails."""
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise BadInput(f"cannot write {path}: {why(error)}") from None
+
+
+def check_destination(run_dir, dest):
+    """Refuse (BadInput) to publish over dest unless it is absent or holds an unfinished run."""
+    if not dest.exists():
         return
-    tmp_path = readme_path.with_suffix(".md.tmp")
-    tmp_path.write_text(updated)
-    os.replace(tmp_path, readme_path)
+    try:
+        held = "a finished run" if load_summary(dest / "summary.json")["status"] == "finished" else None
+    except BadInput:
+        held = "no summary.json" if not (dest / "summary.json").exists() else "a summary.json this table cannot read"
+    if held:
+        raise BadInput(f"refusing to publish {run_dir} as {shown(dest)}: it already holds {held}; "
+                       f"choose another name with --as NAME, or remove {shown(dest)} first")
+
+
+def publish(run_dir, name=None, without_weights=False):
+    """Copy the finished run in run_dir to results/<name>/ (name: run_dir's folder name by default), rewrite
+    README.md's table, and return results/<name>.
+
+    Everything that can be refused (BadInput) is checked, and README.md's new text written to README.md.tmp,
+    before results/ is touched: the files are copied into results/.<name>.<pid>.tmp, which is then renamed
+    to results/<name> (an unfinished run there is first renamed aside, and deleted once the new one is in
+    place), and README.md.tmp replaces README.md. If a copy or rename fails, the temporary folder is removed
+    and an unfinished run that was there is renamed back.
+    """
+    run_dir = Path(run_dir)
+    name = name or run_dir.resolve().name
+    if name in ("", ".", "..") or name.startswith(".") or "/" in name or os.sep in name:
+        raise BadInput(f"--as {name!r} is not a folder name for results/: give one like 5w1s-seed1")
+    if not (run_dir / "summary.json").is_file():
+        raise BadInput(f"{run_dir} has no summary.json: give the folder that maml_omniglot.py wrote the run to "
+                       "(its --out)")
+    summary = load_summary(run_dir / "summary.json")
+    if summary["status"] != "finished":
+        raise BadInput(f"{run_dir / 'summary.json'} says the run is in progress (iteration {summary['iteration']:,} "
+                       f"of {summary['config']['iterations']:,}): finish it (its command with --resume), then "
+                       "publish it")
+    files = [file for file in PUBLISHED_FILES if not (without_weights and file == "model.pt")]
+    missing = [file for file in files if not (run_dir / file).is_file()]
+    if missing == ["model.pt"]:
+        raise BadInput(f"{run_dir} has no model.pt, the trained weights that a published run ships: publish the "
+                       "folder the run wrote them to, or add --without-weights to publish it without")
+    if missing:
+        raise BadInput(f"{run_dir} lacks {', '.join(missing)}: a finished run of maml_omniglot.py writes them "
+                       f"(python maml_omniglot.py --plot-only {run_dir} redraws curves.png)")
+    results = ROOT / "results"
+    dest = results / name
+    check_destination(run_dir, dest)
+    readme = read_readme()
+    runs = load_runs()
+    runs[name] = summary
+    readme_tmp, tmp = ROOT / "README.md.tmp", results / f".{name}.{os.getpid()}.tmp"
+    old = results / f".{name}.{os.getpid()}.old.tmp"
+    try:
+        write_text(readme_tmp, with_table(readme, table(runs)))
+        try:
+            tmp.mkdir(parents=True)
+            for file in files:
+                shutil.copyfile(run_dir / file, tmp / file)
+            if dest.exists():
+                os.rename(dest, old)
+            try:
+                os.rename(tmp, dest)
+            except OSError:
+                if old.exists():
+                    os.rename(old, dest)
+                raise
+        except OSError as error:
+            raise BadInput(f"cannot publish {run_dir} as {shown(dest)}: {why(error)}; results/ is as it was") from None
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(readme_tmp, ROOT / "README.md")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        readme_tmp.unlink(missing_ok=True)
+    return dest
+
+
+def main(argv=None):
+    """The command line (see the module docstring); exits 1 on a stale --check and 2 on bad input."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--check", action="store_true", help="only check that README.md is up to date")
+    action.add_argument("--publish", metavar="RUN_DIR", type=Path,
+                        help="copy the finished run in RUN_DIR to results/NAME/, then rewrite the table")
+    parser.add_argument("--as", dest="name", metavar="NAME", help="with --publish: the folder in results/ "
+                        "(default: RUN_DIR's folder name)")
+    parser.add_argument("--without-weights", action="store_true",
+                        help="with --publish: publish a run that has no model.pt")
+    args = parser.parse_args(argv)
+    if (args.name is not None or args.without_weights) and args.publish is None:
+        parser.error("--as and --without-weights go with --publish RUN_DIR")
+    try:
+        if args.publish is not None:
+            dest = publish(args.publish, args.name, args.without_weights)
+            files = ", ".join(sorted(path.name for path in dest.iterdir()))
+            print(f"published {args.publish} as {shown(dest)}/ ({files}); README.md's table rewritten")
+            if (ROOT / "in-progress" / dest.name).exists():
+                print(f"note: results/{dest.name} has finished: git rm -r in-progress/{dest.name} (its checkpoint)")
+            return
+        readme = read_readme()
+        updated = with_table(readme, table())
+        if args.check:
+            if updated != readme:
+                print("error: README.md's results table is out of date: run python results_table.py", file=sys.stderr)
+                sys.exit(1)
+            return
+        try:
+            write_text(ROOT / "README.md.tmp", updated)
+            os.replace(ROOT / "README.md.tmp", ROOT / "README.md")
+        finally:
+            (ROOT / "README.md.tmp").unlink(missing_ok=True)
+    except BadInput as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

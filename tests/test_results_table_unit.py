@@ -1,0 +1,330 @@
+"""results_table.py on synthetic repositories: the seeds row, --publish and its refusals, malformed input.
+
+Every test points results_table.ROOT at its own tmp folder holding a README.md with the markers and a
+results/ of summaries made by summary() below, so nothing here reads or writes the committed results.
+"""
+import json
+import math
+
+import pytest
+
+import results_table
+
+README = f"# project\n\n{results_table.BEGIN}\nold table\n{results_table.END}\n\nafter the table\n"
+
+
+def summary(setting="5w1s", seed=0, acc=0.99, status="finished", **config):
+    """A summary.json as maml_omniglot.py writes it, every key present: a run of setting with seed whose test
+    accuracy after update_step_test (3) steps is acc (one step earlier it is 0.5, so a wrong step shows).
+    config overrides values of the run's config; the run ran on 2 CPU threads at commit abc..."""
+    cfg = {"setting": setting, "n_way": 5, "k_spt": 1, "task_num": 32, "update_lr": 0.4, "meta_lr": 0.001,
+           "update_step": 1, "update_step_test": 3, "iterations": 60000, "k_qry": 1, "first_order": False,
+           "rotate": True, "seed": seed, "eval_every": 500, "eval_tasks": 320, "test_tasks": 600,
+           "checkpoint_every": 500, "data": "data/omniglot.npy", "out": f"results/{setting}", "device": "cpu"}
+    cfg.update(config)
+    finished = status == "finished"
+    device = {"type": "cpu", "name": "AMD EPYC", "cpu_threads": 2}
+    git = {"commit": "abcdef0123456789", "dirty": False}
+    return {
+        "status": status,
+        "iteration": cfg["iterations"] if finished else 1000,
+        "test": {"accs": [0.2, 0.5, 0.5, acc], "ci95": [0.01, 0.01, 0.01, 0.004], "tasks": 600} if finished else None,
+        "last_validation": {"iteration": 1000, "tasks": 320, "accs": [0.2, 0.9, 0.9, 0.9],
+                            "ci95": [0.01, 0.01, 0.01, 0.01]},
+        "config": cfg, "seed": seed, "command": "python maml_omniglot.py", "git": git, "torch": "2.13.0+cpu",
+        "python": "3.11.7", "device": device,
+        "segments": [{"from_iteration": 0, "to_iteration": cfg["iterations"], "command": "python maml_omniglot.py",
+                      "git": git, "device": device, "torch": "2.13.0+cpu", "python": "3.11.7",
+                      "started_utc": "2026-11-24T08:01:53Z", "wall_time_s": 3600.0}],
+        "wall_time_s": 3600.0, "train_time_s": 3500.0, "meta_iterations_per_s": 3.4,
+    }
+
+
+def write_run(folder, run_summary, files=("log.csv", "curves.png", "model.pt")):
+    """folder/summary.json holding run_summary, and each of files with content that names it."""
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(run_summary, indent=2))
+    for file in files:
+        (folder / file).write_bytes(f"{folder.name}/{file}".encode())
+    return folder
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch):
+    """A repository for results_table: README.md with the markers and an empty results/."""
+    root = tmp_path / "repo"
+    (root / "results").mkdir(parents=True)
+    (root / "README.md").write_text(README)
+    monkeypatch.setattr(results_table, "ROOT", root)
+    return root
+
+
+def run_main(argv, capsys):
+    """(exit code, stdout, stderr) of results_table.main(argv)."""
+    try:
+        results_table.main(argv)
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def snapshot(root):
+    """{relative path: bytes} of every file under root, to show that a refused command changed nothing."""
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def rows(text):
+    """{first cell: row} of a markdown table."""
+    return {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
+
+
+def test_the_seeds_row_gives_mean_and_sample_std_of_the_final_test_accuracies(root):
+    accs = {0: 0.991, 1: 0.985, 2: 0.973}
+    for seed, acc in accs.items():
+        name = "5w1s" if seed == 0 else f"5w1s-seed{seed}"
+        write_run(root / "results" / name, summary(seed=seed, acc=acc, out=f"runs/{name}"))
+    percents = [100 * acc for acc in accs.values()]
+    mean = sum(percents) / 3
+    std = math.sqrt(sum((p - mean) ** 2 for p in percents) / (3 - 1))  # 0.9 (with ddof=0 it would be 0.7)
+    table = rows(results_table.table())
+    assert f"| {mean:.1f} ± {std:.1f} % (mean ± sample std, seeds 0, 1, 2) | 60,000 | 3.00 h in all |" \
+        in table["5w1s, 3 seeds"]
+    for name, own in (("5w1s", "99.1"), ("5w1s-seed1", "98.5"), ("5w1s-seed2", "97.3")):
+        assert f"| {own} ± 0.4 % (600 tasks) |" in table[name]  # each run keeps its own interval
+    names = list(table)
+    assert names.index("5w1s-seed2") + 1 == names.index("5w1s, 3 seeds") < names.index("5w5s")
+
+
+def test_where_and_on_what_a_seed_ran_does_not_split_it_but_a_hyperparameter_does(root):
+    write_run(root / "results" / "5w1s", summary(seed=0, acc=0.99))
+    write_run(root / "results" / "5w1s-seed1", summary(seed=1, acc=0.98, out="elsewhere", data="other.npy",
+                                                       device="cuda", checkpoint_every=100))
+    write_run(root / "results" / "5w1s-lr", summary(seed=2, acc=0.90, update_lr=0.3))
+    write_run(root / "results" / "5w1s-short", summary(seed=3, acc=0.80, iterations=500))
+    table = rows(results_table.table())
+    assert "(mean ± sample std, seeds 0, 1)" in table["5w1s, 2 seeds"]
+    assert [name for name in table if "seeds" in name] == ["5w1s, 2 seeds"]
+
+
+def test_runs_in_progress_and_a_repeated_seed_are_not_counted(root):
+    write_run(root / "results" / "5w1s", summary(seed=0, acc=0.99))
+    write_run(root / "results" / "5w1s-seed0-again", summary(seed=0, acc=0.50))
+    write_run(root / "results" / "5w1s-seed1", summary(seed=1, acc=0.97))
+    write_run(root / "results" / "5w1s-seed2", summary(seed=2, status="in progress"))
+    table = rows(results_table.table())
+    assert "| 98.0 ± 1.4 % (mean ± sample std, seeds 0, 1) |" in table["5w1s, 2 seeds"]
+    assert "in progress: validation 90.0 ± 1.0 % at iteration 1,000" in table["5w1s-seed2"]
+
+
+def test_one_finished_seed_beside_an_unfinished_one_has_no_seeds_row(root):
+    write_run(root / "results" / "5w1s", summary(seed=0))
+    write_run(root / "results" / "5w1s-seed1", summary(seed=1, status="in progress"))
+    assert "seeds" not in results_table.table()
+
+
+def test_publish_copies_the_run_and_rewrites_the_table(root, tmp_path, capsys):
+    run_dir = write_run(tmp_path / "runs" / "5w1s-seed1", summary(seed=1, acc=0.97))
+    write_run(root / "results" / "5w1s", summary(seed=0, acc=0.99))
+    code, out, err = run_main(["--publish", str(run_dir)], capsys)
+    assert (code, err) == (0, "")
+    assert "published" in out and "results/5w1s-seed1/" in out
+    published = root / "results" / "5w1s-seed1"
+    assert snapshot(published) == snapshot(run_dir)
+    assert sorted(path.name for path in (root / "results").iterdir()) == ["5w1s", "5w1s-seed1"]  # no leftovers
+    readme = (root / "README.md").read_text()
+    assert readme == results_table.with_table(README, results_table.table())
+    assert "| 5w1s-seed1 |" in readme and "| 5w1s, 2 seeds |" in readme and "old table" not in readme
+    assert run_main(["--check"], capsys)[0] == 0
+
+
+def test_publish_as_another_name_and_without_weights(root, tmp_path, capsys):
+    run_dir = write_run(tmp_path / "runs" / "5w1s", summary(), files=("log.csv", "curves.png"))
+    code, _, err = run_main(["--publish", str(run_dir), "--as", "5w1s-gpu", "--without-weights"], capsys)
+    assert (code, err) == (0, "")
+    assert sorted(path.name for path in (root / "results" / "5w1s-gpu").iterdir()) == \
+        ["curves.png", "log.csv", "summary.json"]
+
+
+def test_publish_replaces_an_unfinished_run_and_says_to_drop_its_carried_checkpoint(root, tmp_path, capsys):
+    write_run(root / "results" / "5w1s", summary(status="in progress"), files=("log.csv", "curves.png", "x"))
+    (root / "in-progress" / "5w1s").mkdir(parents=True)
+    run_dir = write_run(tmp_path / "runs" / "5w1s", summary())
+    code, out, _ = run_main(["--publish", str(run_dir)], capsys)
+    assert code == 0 and "git rm -r in-progress/5w1s" in out
+    assert snapshot(root / "results") == {f"5w1s/{name}": data for name, data in snapshot(run_dir).items()}
+
+
+REFUSALS = {  # case: (what to do to the run folder or the results, what the line must say)
+    "no summary.json": ("summary.json", "has no summary.json"),
+    "in progress": ("in progress", "says the run is in progress (iteration 1,000 of 60,000)"),
+    "no weights": ("model.pt", "has no model.pt, the trained weights that a published run ships"),
+    "no curves": ("curves.png", "lacks curves.png"),
+    "finished destination": ("finished destination", "already holds a finished run; choose another name with --as"),
+    "foreign destination": ("foreign destination", "already holds no summary.json; choose another name with --as"),
+    "bad name": ("bad name", "--as '../x' is not a folder name for results/"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_publish_refuses_in_one_line_with_exit_2_and_changes_nothing(case, root, tmp_path, capsys):
+    damage, message = REFUSALS[case]
+    status = "in progress" if damage == "in progress" else "finished"
+    run_dir = write_run(tmp_path / "runs" / "5w1s", summary(status=status))
+    if damage in ("summary.json", "model.pt", "curves.png"):
+        (run_dir / damage).unlink()
+    if damage == "finished destination":
+        write_run(root / "results" / "5w1s", summary(acc=0.5))
+    if damage == "foreign destination":
+        (root / "results" / "5w1s").mkdir()
+        (root / "results" / "5w1s" / "notes.txt").write_text("mine")
+    before = snapshot(root)
+    argv = ["--publish", str(run_dir)] + (["--as", "../x"] if damage == "bad name" else [])
+    code, out, err = run_main(argv, capsys)
+    assert (code, out, err.count("\n")) == (2, "", 1)
+    assert err.startswith("error: ") and message in err
+    assert snapshot(root) == before
+    left = ["5w1s"] if "destination" in case else []
+    assert [path.name for path in (root / "results").iterdir()] == left  # no temporary folder either
+
+
+def test_a_failed_copy_leaves_results_and_the_readme_as_they_were(root, tmp_path, capsys, monkeypatch):
+    write_run(root / "results" / "5w1s", summary(status="in progress"))
+    run_dir = write_run(tmp_path / "runs" / "5w1s", summary())
+    copied = []
+
+    def copy_then_fail(source, target):
+        if len(copied) == 2:
+            raise OSError(28, "No space left on device")
+        copied.append(target)
+        target.write_bytes(source.read_bytes())
+
+    monkeypatch.setattr(results_table.shutil, "copyfile", copy_then_fail)
+    before = snapshot(root)
+    code, _, err = run_main(["--publish", str(run_dir)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "No space left on device; results/ is as it was" in err
+    assert len(copied) == 2 and snapshot(root) == before
+
+
+def test_a_failed_rename_puts_the_unfinished_run_back(root, tmp_path, capsys, monkeypatch):
+    write_run(root / "results" / "5w1s", summary(status="in progress"))
+    run_dir = write_run(tmp_path / "runs" / "5w1s", summary())
+    rename = results_table.os.rename
+
+    def fail_into_place(source, target):
+        if target.name == "5w1s" and source.name.endswith(".tmp") and ".old." not in source.name:
+            raise OSError(5, "Input/output error")
+        rename(source, target)
+
+    monkeypatch.setattr(results_table.os, "rename", fail_into_place)
+    before = snapshot(root)
+    code, _, err = run_main(["--publish", str(run_dir)], capsys)
+    assert code == 2 and "Input/output error" in err
+    assert snapshot(root) == before
+
+
+def drop(key):
+    """A change to a summary dict that deletes the dotted key."""
+    def change(record):
+        *parents, last = key.split(".")
+        for part in parents:
+            record = record[part]
+        del record[last]
+    return change
+
+
+MALFORMED = {  # case: (summary.json's text or a change to summary(), what the line must say)
+    "not JSON": ('{"status": "finished",', "is not valid JSON (Expecting"),
+    "not UTF-8": (b'{"status": "\xff"}', "is not valid JSON ("),
+    "a list": ("[1, 2]", "holds a JSON list, not an object"),
+    "older schema": (drop("status"), 'lacks "status", which must be "finished" or "in progress"'),
+    "unknown status": (lambda s: s.update(status="done"), "has \"status\" 'done', which must be"),
+    "no segments": (drop("segments"), 'lacks "segments", which the results table needs'),
+    "no test accuracies": (drop("test.accs"), 'lacks "test.accs"'),
+    "empty test accuracies": (lambda s: s["test"].update(accs=[]), '"test.accs" is [], not a non-empty list'),
+    "test is null": (lambda s: s.update(test=None), 'lacks "test.accs"'),
+    "no seed": (drop("config.seed"), 'lacks "config.seed"'),
+    "no wall time": (drop("wall_time_s"), 'lacks "wall_time_s"'),
+    "segment without device": (lambda s: s["segments"][0].pop("device"), 'lacks "segments[0].device.type"'),
+    "segment without threads": (lambda s: s["segments"][0]["device"].pop("cpu_threads"),
+                                'lacks "segments[0].device.cpu_threads"'),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_a_malformed_summary_is_one_line_naming_the_file_and_exit_2(case, root, capsys):
+    content, message = MALFORMED[case]
+    write_run(root / "results" / "5w1s", summary())
+    path = root / "results" / "5w1s-bad" / "summary.json"
+    write_run(path.parent, summary())
+    if callable(content):
+        bad = summary()
+        content(bad)
+        path.write_text(json.dumps(bad))
+    else:
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    before = snapshot(root)
+    for argv in ([], ["--check"]):
+        code, out, err = run_main(argv, capsys)
+        assert (code, out, err.count("\n")) == (2, "", 1)
+        assert err.startswith("error: results/5w1s-bad/summary.json") and message in err
+        assert "regenerate it with today's maml_omniglot.py" in err
+    assert snapshot(root) == before
+
+
+def test_a_malformed_summary_to_publish_is_refused_the_same_way(root, tmp_path, capsys):
+    bad = summary()
+    del bad["segments"]
+    run_dir = write_run(tmp_path / "runs" / "5w1s", bad)
+    code, _, err = run_main(["--publish", str(run_dir)], capsys)
+    assert code == 2 and err.count("\n") == 1 and 'summary.json lacks "segments"' in err
+    assert not (root / "results" / "5w1s").exists()
+
+
+@pytest.mark.parametrize("readme, message", [
+    ("# no markers\n", "README.md has no results-table markers: put the line"),
+    (f"{results_table.END}\n{results_table.BEGIN}\n", "README.md has no results-table markers"),
+    (None, "cannot read README.md: No such file or directory"),
+    (b"\xff\xfe not UTF-8", "cannot read README.md: 'utf-8' codec can't decode"),
+])
+def test_a_readme_without_markers_or_unreadable_is_one_line_and_exit_2(readme, message, root, tmp_path, capsys):
+    if readme is None:
+        (root / "README.md").unlink()
+    else:
+        (root / "README.md").write_bytes(readme if isinstance(readme, bytes) else readme.encode())
+    run_dir = write_run(tmp_path / "runs" / "5w1s", summary())
+    before = snapshot(root)
+    for argv in ([], ["--check"], ["--publish", str(run_dir)]):
+        code, out, err = run_main(argv, capsys)
+        assert (code, out, err.count("\n")) == (2, "", 1)
+        assert message in err
+        assert snapshot(root) == before
+
+
+def test_check_exits_1_on_a_stale_table_and_0_once_rewritten(root, capsys):
+    write_run(root / "results" / "5w1s", summary(status="in progress"))
+    code, _, err = run_main(["--check"], capsys)
+    assert code == 1 and "README.md's results table is out of date" in err
+    assert run_main([], capsys)[0] == 0
+    assert run_main(["--check"], capsys)[0] == 0
+    assert not (root / "README.md.tmp").exists()
+
+
+def test_an_unfinished_run_without_a_validation_yet_says_so():
+    run = summary(status="in progress")
+    run["last_validation"] = None
+    assert results_table.describe(run)[:2] == ("in progress: no validation yet", "1,000 of 60,000")
+
+
+def test_a_publish_killed_midway_leaves_a_hidden_folder_that_is_no_run(root):
+    write_run(root / "results" / ".5w1s.4242.tmp", summary())  # what a kill -9 during the copy leaves behind
+    (root / "results" / ".5w1s.4242.tmp" / "summary.json").write_text('{"status": "fin')  # cut off mid-copy
+    table = results_table.table()
+    assert "| 5w1s | 98.7 ± 0.4 % | not run yet |" in table and ".5w1s" not in table
+
+
+def test_as_and_without_weights_need_publish(root, capsys):
+    for argv in (["--as", "x"], ["--without-weights"], ["--check", "--publish", "runs/5w1s"]):
+        code, _, err = run_main(argv, capsys)
+        assert code == 2 and err.startswith("usage: ")
