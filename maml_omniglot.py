@@ -153,7 +153,8 @@ def check_config(cfg, parser):
 
 
 def resolve_config(args, parser):
-    """The run's config: the setting's values and the defaults for the flags left out, all checked."""
+    """The run's config: the setting's values and the defaults for the flags left out, all checked; and
+    whether the output folder was created for it."""
     if args.split is not None:
         parser.error("--split is for --evaluate only: training validates on val and tests on test")
     cfg = {"setting": args.setting}
@@ -164,14 +165,15 @@ def resolve_config(args, parser):
     for key, default in dict(RUN_DEFAULTS, out=os.path.join("runs", args.setting)).items():
         cfg[key] = default if getattr(args, key) is None else getattr(args, key)
     check_config(cfg, parser)
-    check_output_folder(cfg["out"], args.resume, parser)
-    return cfg
+    return cfg, check_output_folder(cfg["out"], args.resume, parser)
 
 
 def check_output_folder(out, resume, parser):
-    """The folder must be writable, must not hold a finished run, and holds a checkpoint only with --resume."""
+    """The folder must be writable, must not hold a finished run, and holds a checkpoint only with --resume.
+    Returns whether it had to be created."""
     if status_of(out) == "finished":
         parser.error(f"--out {out} holds a finished run, which is never written into again: choose another --out")
+    created = not os.path.isdir(out)
     try:
         os.makedirs(out, exist_ok=True)
         probe = os.path.join(out, f".write-test-{os.getpid()}.tmp")
@@ -183,6 +185,7 @@ def check_output_folder(out, resume, parser):
     if not resume and os.path.exists(os.path.join(out, FILES["checkpoint"])):
         parser.error(f"--out {out} already holds {FILES['checkpoint']}: add --resume to continue that run, "
                      f"or choose another --out")
+    return created
 
 
 def check_resumable(checkpoint_cfg, cfg, path, parser):
@@ -427,11 +430,11 @@ def finish(cfg, meta_learner, state, paths, test_accs, test_ci):
           + ", ".join(f"{100 * a:.2f}% ± {100 * c:.2f}" for a, c in zip(test_accs, test_ci)))
 
 
-def run(cfg, resume, command, parser):
+def run(cfg, resume, created, command, parser):
     """The experiment: the config (checked), start or resume, train, test, report."""
     paths = {key: os.path.join(cfg["out"], name) for key, name in FILES.items()}
     checkpoint = read_resume_point(resume, cfg, paths, parser)
-    with FolderLock(cfg["out"]):  # one writer per folder
+    with FolderLock(cfg["out"], created):  # one writer per folder
         sampler, meta_learner, state = start_or_resume(cfg, checkpoint, command)
         train(cfg, meta_learner, sampler, state, paths)
         test_accs, test_ci = evaluate(meta_learner, sampler, "test", cfg["test_tasks"])
@@ -460,13 +463,16 @@ def main(argv=None):
         return plot_only(args.plot_only, parser)
     if args.evaluate:
         return evaluate_model(args, parser, command)
-    cfg = resolve_config(args, parser)
+    cfg, created = resolve_config(args, parser)
     checkpoint_path = os.path.join(cfg["out"], FILES["checkpoint"])
     try:
-        return run(cfg, args.resume, command, parser)
+        return run(cfg, args.resume, created, command, parser)
     except FolderInUse as e:
         parser.error(str(e))
-    except (PreprocessError, RunFileError) as e:  # no zips and no network, a damaged array, a full disk
+    except PreprocessError as e:  # --data names no usable array, and there are no zips to build it from
+        print(f"maml_omniglot.py: error: {e}", file=sys.stderr)
+        return 2
+    except RunFileError as e:  # a full disk
         print(f"maml_omniglot.py: error: {e}", file=sys.stderr)
     except NonFiniteError as e:
         kept = (f"the last good checkpoint ({checkpoint_path}) is kept" if os.path.exists(checkpoint_path)

@@ -45,9 +45,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from preprocess_omniglot import DRAWINGS_PER_CHARACTER, IMAGE_SIZE, PreprocessError, preprocess
+from preprocess_omniglot import CLASS_COUNT, DRAWINGS_PER_CHARACTER, IMAGE_SIZE, load_omniglot, preprocess
 
-CLASS_COUNT = 1623
 SPLIT_SEED = 1
 SPLIT_SIZES = {"train": 1100, "val": 100, "test": CLASS_COUNT - 1100 - 100}  # a split's index seeds its generator
 
@@ -106,17 +105,11 @@ class OmniglotNShot:
             self.reset(split)
 
     def _load(self, path):
-        """The preprocessed array as [1623 * 20, 1, 28, 28] on the device; preprocess first if missing."""
+        """The preprocessed array, checked against its sidecar, as [1623 * 20, 1, 28, 28] on the device;
+        built from the zips first if it is missing."""
         if not path.exists():
             preprocess(zips_dir=path.parent, out_path=path)
-        omniglot = np.load(path)  # [1623, 20, 1, 28, 28]
-        expected_shape = (CLASS_COUNT, DRAWINGS_PER_CHARACTER, 1, IMAGE_SIZE, IMAGE_SIZE)
-        if omniglot.shape != expected_shape or omniglot.dtype != np.float32:
-            raise PreprocessError(
-                f"{path} holds {omniglot.dtype} {omniglot.shape}, expected float32 {expected_shape}; "
-                f"rebuild it with: python preprocess_omniglot.py --force --out {path}"
-            )
-        return torch.from_numpy(omniglot).flatten(0, 1).to(self.device)
+        return torch.from_numpy(load_omniglot(path)).flatten(0, 1).to(self.device)  # [1623, 20, ...] -> [32460, ...]
 
     def _check_split(self, split):
         if split not in SPLIT_SIZES:

@@ -106,10 +106,13 @@ class FolderLock:
     """Holds `folder/.lock` with flock for as long as a run writes the folder.
 
     The kernel releases the lock when the process ends, however it ends, so a crash leaves no stale
-    lock. The file keeps the holder's pid, so that a refused second run can name it.
+    lock. The file keeps the holder's pid, so that a refused second run can name it. A run that wrote
+    nothing (refused data, Ctrl-C while loading) leaves nothing: the lock file goes, and the folder too
+    when this run created it (created=True).
     """
 
-    def __init__(self, folder):
+    def __init__(self, folder, created=False):
+        self.folder, self.created = folder, created
         self.path = os.path.join(folder, ".lock")
         self.file = None
 
@@ -121,14 +124,18 @@ class FolderLock:
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
             self.file.close()
-            raise FolderInUse(f"--out {os.path.dirname(self.path)} is being written by {holder}: wait for it to "
-                               f"finish, or choose another --out") from None
+            raise FolderInUse(f"--out {self.folder} is being written by {holder}: wait for it to finish, or "
+                              f"choose another --out") from None
         self.file.truncate(0)
         self.file.write(f"process {os.getpid()} on {platform.node()}\n")
         self.file.flush()
         return self
 
     def __exit__(self, *exc):
+        if os.listdir(self.folder) == [".lock"]:
+            os.remove(self.path)
+            if self.created:
+                os.rmdir(self.folder)
         self.file.close()  # releases the lock
 
 

@@ -110,7 +110,7 @@ def fake_omniglot_npy(tmp_path_factory):
         omniglot[:, :, 0, row, column] = drawings
     omniglot[:, :, 0, 0, 1] = -1
     path = tmp_path_factory.mktemp("data") / "omniglot.npy"
-    np.save(path, omniglot)
+    preprocess_omniglot.save_omniglot(path, omniglot, {})  # with its sidecar, as training requires
     return path
 
 
@@ -125,7 +125,7 @@ def learnable_omniglot_npy(tmp_path_factory):
     flips = rng.random((1623, 20, 1, 28, 28)) < 0.05  # [1623, 20, 1, 28, 28]
     omniglot = (templates ^ flips).astype(np.float32)
     path = tmp_path_factory.mktemp("learnable") / "omniglot.npy"
-    np.save(path, omniglot)
+    preprocess_omniglot.save_omniglot(path, omniglot, {})
     return path
 
 

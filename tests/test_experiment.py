@@ -109,7 +109,7 @@ def test_unwritable_output_folder(tmp_path, capsys, no_training):
 
 
 def test_missing_data_without_zips_or_network_fails_clearly(tmp_path, capsys):
-    assert maml_omniglot.main(tiny_args(tmp_path / "nothing" / "omniglot.npy", tmp_path / "out")) == 1
+    assert maml_omniglot.main(tiny_args(tmp_path / "nothing" / "omniglot.npy", tmp_path / "out")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("maml_omniglot.py: error: could not download images_background.zip")
     assert "put the two Omniglot zips here" in err
@@ -117,7 +117,7 @@ def test_missing_data_without_zips_or_network_fails_clearly(tmp_path, capsys):
 
 def test_an_array_of_the_wrong_shape_fails_clearly(tmp_path, capsys):
     np.save(tmp_path / "small.npy", np.zeros((10, 20, 1, 28, 28), dtype=np.float32))
-    assert maml_omniglot.main(tiny_args(tmp_path / "small.npy", tmp_path / "out")) == 1
+    assert maml_omniglot.main(tiny_args(tmp_path / "small.npy", tmp_path / "out")) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"maml_omniglot.py: error: {tmp_path / 'small.npy'} holds float32 (10, 20, 1, 28, 28)")
 
@@ -334,3 +334,99 @@ def test_a_resumed_segment_that_runs_differently_is_recorded_and_announced(finis
     assert [s["device"]["cpu_threads"] for s in summary["segments"]] == [1, 2]
     assert results_table.describe(summary)[3].endswith(
         ", 1 threads; " + summary["segments"][1]["device"]["name"] + ", 2 threads")
+
+
+def write_array_its_sidecar_does_not_describe(path, learnable):
+    path.write_bytes(learnable.read_bytes())
+    sidecar = learnable.with_suffix(".json").read_text().replace('"sha256": "', '"sha256": "0')
+    path.with_suffix(".json").write_text(sidecar)
+
+
+BAD_DATA = {
+    "a folder": lambda path, learnable: path.mkdir(),
+    "an empty file": lambda path, learnable: path.write_bytes(b""),
+    "another format": lambda path, learnable: path.write_text("iteration,split\n0,val\n"),
+    "an array without its sidecar": lambda path, learnable: path.write_bytes(learnable.read_bytes()),
+    "an array its sidecar does not describe": write_array_its_sidecar_does_not_describe,
+}
+
+
+@pytest.mark.parametrize("kind", BAD_DATA)
+def test_unusable_data_is_refused_in_one_line_leaving_nothing(kind, learnable_omniglot_npy, tmp_path, capsys):
+    data = tmp_path / "data" / "omniglot.npy"
+    data.parent.mkdir()
+    BAD_DATA[kind](data, learnable_omniglot_npy)
+    out = tmp_path / "out"
+    assert maml_omniglot.main(tiny_args(data, out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"maml_omniglot.py: error: {data}"), err
+    assert not out.exists()
+
+
+def test_a_folder_in_use_by_another_run_is_refused_naming_the_holder(learnable_omniglot_npy, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    with run_files.FolderLock(str(out)):
+        code, err = exit_code_and_stderr(tiny_args(learnable_omniglot_npy, out), capsys)
+        assert sorted(os.listdir(out)) == [".lock"]  # the holder's, and nothing of the refused run
+    assert code == 2 and err.count("\n") == 1
+    assert f"--out {out} is being written by process {os.getpid()} on " in err
+
+
+def test_ctrl_c_while_loading_leaves_nothing(learnable_omniglot_npy, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(maml_omniglot, "OmniglotNShot", interrupted)
+    out = tmp_path / "out"
+    assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, out)) == 130
+    assert capsys.readouterr().err == "maml_omniglot.py: interrupted; nothing had been trained yet\n"
+    assert not out.exists()
+
+
+def test_ctrl_c_during_the_test_keeps_the_checkpoint_and_resume_finishes(finished_run, learnable_omniglot_npy,
+                                                                          tmp_path, monkeypatch, capsys):
+    evaluate = maml_omniglot.evaluate
+
+    def interrupted_test(meta_learner, sampler, split, n_tasks):
+        if split == "test":
+            raise KeyboardInterrupt
+        return evaluate(meta_learner, sampler, split, n_tasks)
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(maml_omniglot, "evaluate", interrupted_test)
+        assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, out)) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"maml_omniglot.py: interrupted; {out / 'checkpoint.pt'} is kept: continue with --resume"
+    assert json.loads((out / "summary.json").read_text())["status"] == "in progress"
+    assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, out, "--resume")) == 0
+    assert log_rows(out) == log_rows(finished_run)
+
+
+def test_a_full_disk_fails_in_one_line_and_leaves_no_temporary_file(learnable_omniglot_npy, tmp_path, monkeypatch,
+                                                                    capsys):
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run_files.os, "fsync", disk_full)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, out)) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"maml_omniglot.py: error: cannot write {out / 'log.csv'}: No space left on device"
+    assert os.listdir(out) == []  # no temporary file keeps the disk full
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2 ** 32)])
+def test_a_seed_the_rngs_cannot_take_is_refused(seed, learnable_omniglot_npy, tmp_path, capsys, no_training):
+    code, err = exit_code_and_stderr(tiny_args(learnable_omniglot_npy, tmp_path / "out", "--seed", seed), capsys)
+    assert code == 2 and err == f"maml_omniglot.py: error: --seed must be between 0 and {2 ** 32 - 1}, got {seed}\n"
+
+
+@pytest.mark.parametrize("content", ["", "not,a\nlog\n", "\x00\xff\xfe"])
+def test_plot_only_refuses_a_malformed_log_in_one_line(content, tmp_path, capsys):
+    (tmp_path / "log.csv").write_bytes(content.encode("latin-1"))
+    code, err = exit_code_and_stderr(["--plot-only", str(tmp_path)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "is not a log.csv of this program" in err
+    assert not (tmp_path / "curves.png").exists()

@@ -9,7 +9,7 @@ import torch
 
 import omniglot_nshot
 from omniglot_nshot import OmniglotNShot
-from preprocess_omniglot import PreprocessError
+from preprocess_omniglot import PreprocessError, sidecar_path
 
 
 def describe(image):
@@ -198,6 +198,7 @@ def test_missing_array_is_preprocessed_first(fake_omniglot_npy, tmp_path, monkey
     def fake_preprocess(zips_dir, out_path):
         calls.append((zips_dir, out_path))
         out_path.write_bytes(fake_omniglot_npy.read_bytes())
+        sidecar_path(out_path).write_bytes(sidecar_path(fake_omniglot_npy).read_bytes())
 
     monkeypatch.setattr(omniglot_nshot, "preprocess", fake_preprocess)
     path = tmp_path / "data" / "omniglot.npy"
