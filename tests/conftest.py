@@ -1,8 +1,10 @@
 """Shared test fixtures and helpers: no network, fake Omniglot zips, fake and real
 data/omniglot.npy arrays, and reading a run's log.csv.
 
-The real data are read only from ../shared/omniglot (tests that need them skip without it), and
-tests never write into the repository: everything goes to pytest's tmp_path.
+The real data are read from the zips in data/ (where the README tells users to put them) or in
+../shared/omniglot (beside the checkout, as in CI); tests that need them skip without them, saying why
+in pytest's summary (pytest.ini asks for -rs). Tests never write into the repository: everything goes
+to pytest's tmp_path.
 """
 
 import io
@@ -20,8 +22,11 @@ from PIL import Image, ImageDraw
 import preprocess_omniglot
 import run_files
 
-# The real zips, beside the repository as in CI (../shared/omniglot); tests that need them skip without.
-REAL_ZIPS = Path(__file__).resolve().parents[1].parent / "shared" / "omniglot"
+ROOT = Path(__file__).resolve().parents[1]
+# Where the real zips may be: the README's data/, then beside the checkout as in CI.
+REAL_ZIP_FOLDERS = (ROOT / "data", ROOT.parent / "shared" / "omniglot")
+REAL_ZIPS = next((folder for folder in REAL_ZIP_FOLDERS if all((folder / zip_name).is_file() for zip_name in
+                  ("images_background.zip", "images_evaluation.zip"))), None)
 
 # The fake zips: a few alphabets, listed out of order in the zip so that tests see the sorting.
 # {alphabet: number of characters}
@@ -34,6 +39,14 @@ def log_rows(out, drop=("elapsed_s",)):
     column (wall-clock time) that cannot repeat between runs."""
     return [{k: v for k, v in row.items() if k not in drop}
             for row in run_files.read_log(os.path.join(out, "log.csv"))]
+
+
+def require_real_zips():
+    """The folder of the real zips; skips the calling test, saying why, when there is none."""
+    if REAL_ZIPS is None:
+        pytest.skip("real-data test: the Omniglot zips are in neither data/ nor ../shared/omniglot; put "
+                    "images_background.zip and images_evaluation.zip in data/ to run it")
+    return REAL_ZIPS
 
 
 @pytest.fixture(autouse=True)
@@ -133,8 +146,7 @@ def learnable_omniglot_npy(tmp_path_factory):
 def real_omniglot_npy(tmp_path_factory):
     """The real Omniglot, preprocessed once per test session from ../shared/omniglot.
     Returns (path of the .npy, seconds the preprocessing took); skips when the zips are not there."""
-    if not (REAL_ZIPS / "images_background.zip").exists():
-        pytest.skip(f"the real Omniglot zips are not in {REAL_ZIPS}")
+    require_real_zips()
     out_path = tmp_path_factory.mktemp("real") / "omniglot.npy"
     started = time.perf_counter()
     preprocess_omniglot.preprocess(REAL_ZIPS, out_path)

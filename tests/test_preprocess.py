@@ -21,7 +21,7 @@ from PIL import Image
 import preprocess_omniglot
 from preprocess_omniglot import PreprocessError, load_omniglot, main, preprocess
 
-from conftest import FAKE_BACKGROUND, FAKE_EVALUATION, REAL_ZIPS
+from conftest import FAKE_BACKGROUND, FAKE_EVALUATION, require_real_zips
 
 FAKE_CLASS_COUNT = sum(FAKE_BACKGROUND.values()) + sum(FAKE_EVALUATION.values())
 
@@ -268,9 +268,8 @@ def child_pids(pid):
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="lists processes through /proc (Linux)")
 def test_workers_die_when_the_script_is_killed(tmp_path):
-    if not (REAL_ZIPS / "images_background.zip").exists():
-        pytest.skip(f"the real Omniglot zips are not in {REAL_ZIPS}")
-    command = [sys.executable, str(SCRIPT), "--zips", str(REAL_ZIPS), "--out", str(tmp_path / "omniglot.npy")]
+    command = [sys.executable, str(SCRIPT), "--zips", str(require_real_zips()), "--out",
+               str(tmp_path / "omniglot.npy")]
     script = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers = []
     try:
