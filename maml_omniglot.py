@@ -276,9 +276,10 @@ def evaluate_model(args, parser, command):
     for step, (a, c) in enumerate(zip(accs, ci95)):
         print(f"  {step} step{'s' * (step != 1)}: {100 * a:.2f} ± {100 * c:.2f} %")
     if args.out is not None:
+        where = new_segment(0, cfg, command)
         report = {"accs": [float(a) for a in accs], "ci95": [float(c) for c in ci95], "tasks": cfg["test_tasks"],
-                  "split": split, "model": args.evaluate, "config": cfg, "command": command,
-                  "segment": new_segment(0, cfg, command)}
+                  "split": split, "model": args.evaluate, "config": cfg,
+                  **{key: where[key] for key in ("command", "git", "device", "torch", "python", "started_utc")}}
         atomic_write(os.path.join(args.out, "evaluation.json"), (json.dumps(report, indent=2) + "\n").encode())
     return 0
 
@@ -461,11 +462,12 @@ def main(argv=None):
     command = shlex.join(["python", "maml_omniglot.py"] + (sys.argv[1:] if argv is None else list(argv)))
     if args.plot_only:
         return plot_only(args.plot_only, parser)
-    if args.evaluate:
-        return evaluate_model(args, parser, command)
-    cfg, created = resolve_config(args, parser)
-    checkpoint_path = os.path.join(cfg["out"], FILES["checkpoint"])
+    checkpoint_path = None
     try:
+        if args.evaluate:
+            return evaluate_model(args, parser, command)
+        cfg, created = resolve_config(args, parser)
+        checkpoint_path = os.path.join(cfg["out"], FILES["checkpoint"])
         return run(cfg, args.resume, created, command, parser)
     except FolderInUse as e:
         parser.error(str(e))
@@ -480,12 +482,11 @@ def main(argv=None):
         print(f"maml_omniglot.py: error: {e}; stopping: {kept}. Try a smaller --meta-lr or --update-lr.",
               file=sys.stderr)
     except MemoryError:
-        print(f"maml_omniglot.py: error: out of memory with --task-num {cfg['task_num']}, --n-way {cfg['n_way']}, "
-              f"--k-spt {cfg['k_spt']}, --k-qry {cfg['k_qry']}: make the tasks or the meta-batch smaller",
-              file=sys.stderr)
+        print("maml_omniglot.py: error: out of memory: make the tasks or the meta-batch smaller (--n-way, --k-spt, "
+              "--k-qry, --task-num)", file=sys.stderr)
     except KeyboardInterrupt:  # outside the training loop, which checkpoints on SIGINT itself
-        kept = (f"{checkpoint_path} is kept: continue with --resume" if os.path.exists(checkpoint_path)
-                else "nothing had been trained yet")
+        kept = (f"{checkpoint_path} is kept: continue with --resume"
+                if checkpoint_path is not None and os.path.exists(checkpoint_path) else "nothing was written")
         print(f"maml_omniglot.py: interrupted; {kept}", file=sys.stderr)
         return 130
     return 1

@@ -380,7 +380,7 @@ def test_ctrl_c_while_loading_leaves_nothing(learnable_omniglot_npy, tmp_path, m
     monkeypatch.setattr(maml_omniglot, "OmniglotNShot", interrupted)
     out = tmp_path / "out"
     assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, out)) == 130
-    assert capsys.readouterr().err == "maml_omniglot.py: interrupted; nothing had been trained yet\n"
+    assert capsys.readouterr().err == "maml_omniglot.py: interrupted; nothing was written\n"
     assert not out.exists()
 
 
@@ -430,3 +430,72 @@ def test_plot_only_refuses_a_malformed_log_in_one_line(content, tmp_path, capsys
     code, err = exit_code_and_stderr(["--plot-only", str(tmp_path)], capsys)
     assert code == 2 and err.count("\n") == 1 and "is not a log.csv of this program" in err
     assert not (tmp_path / "curves.png").exists()
+
+
+def test_a_finished_run_ships_its_weights_loadable_with_weights_only(finished_run):
+    model = torch.load(finished_run / "model.pt", weights_only=True)
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert model["config"] == summary["config"] and model["format"] == run_files.MODEL_FORMAT
+    assert model["param_names"][:3] == ["conv1.weight", "bn1.weight", "bn1.bias"]
+    trained = checkpoint_contents(finished_run)["net"]
+    assert model["state_dict"].keys() == trained.keys()
+    assert all(torch.equal(model["state_dict"][name], trained[name]) for name in trained)
+
+
+def test_evaluate_repeats_the_runs_test_exactly(finished_run, learnable_omniglot_npy, tmp_path, capsys):
+    out = tmp_path / "evaluation"
+    assert maml_omniglot.main(["--evaluate", str(finished_run / "model.pt"), "--data", str(learnable_omniglot_npy),
+                               "--device", "cpu", "--out", str(out)]) == 0
+    report = json.loads((out / "evaluation.json").read_text())
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert {key: report[key] for key in ("accs", "ci95", "tasks")} == summary["test"]
+    assert report["split"] == "test" and report["config"]["seed"] == summary["seed"]
+    printed = capsys.readouterr().out
+    assert f"3 steps: {100 * summary['test']['accs'][3]:.2f} ± {100 * summary['test']['ci95'][3]:.2f} %" in printed
+
+
+def test_evaluate_with_more_steps_another_k_and_more_queries(finished_run, learnable_omniglot_npy, tmp_path):
+    out = tmp_path / "evaluation"
+    assert maml_omniglot.main(["--evaluate", str(finished_run / "model.pt"), "--data", str(learnable_omniglot_npy),
+                               "--device", "cpu", "--update-step-test", "10", "--k-spt", "5", "--k-qry", "15",
+                               "--test-tasks", "6", "--split", "val", "--seed", "3", "--out", str(out)]) == 0
+    report = json.loads((out / "evaluation.json").read_text())
+    assert len(report["accs"]) == len(report["ci95"]) == 11 and report["tasks"] == 6 and report["split"] == "val"
+    assert (report["config"]["k_spt"], report["config"]["k_qry"], report["config"]["seed"]) == (5, 15, 3)
+    assert report["accs"][10] > report["accs"][0]  # adaptation helps, also with 5 drawings and 10 steps
+
+
+def write_model_of_another_format(path):
+    torch.save({"format": 99}, path)
+
+
+BAD_MODELS = {
+    "missing": (lambda path: None, "is not a file: give the model.pt of a finished run"),
+    "a checkpoint": (None, "is corrupt or truncated, or not a model.pt"),
+    "random bytes": (lambda path: path.write_bytes(os.urandom(300)), "is corrupt or truncated, or not a model.pt"),
+    "another format": (write_model_of_another_format, "is corrupt or truncated (not a format-1 file"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_MODELS)
+def test_evaluate_refuses_what_is_not_a_model_in_one_line(kind, finished_run, tmp_path, capsys, no_training):
+    make, message = BAD_MODELS[kind]
+    path = tmp_path / "model.pt"
+    if make is None:
+        path.write_bytes((finished_run / "checkpoint.pt").read_bytes())
+    else:
+        make(path)
+    code, err = exit_code_and_stderr(["--evaluate", str(path)], capsys)
+    assert code == 2 and err.count("\n") == 1 and message in err
+
+
+def test_evaluate_refuses_another_n_way_and_training_flags(finished_run, capsys, no_training):
+    model = str(finished_run / "model.pt")
+    code, err = exit_code_and_stderr(["--evaluate", model, "--n-way", "20"], capsys)
+    assert code == 2 and "is a 5-way model (its output layer has 5 classes): --n-way must be 5" in err
+    code, err = exit_code_and_stderr(["--evaluate", model, "--iterations", "5", "--resume"], capsys)
+    assert code == 2 and err.startswith("maml_omniglot.py: error: --iterations, --resume: not used by --evaluate")
+    code, err = exit_code_and_stderr(["--evaluate", model, "--k-spt", "19", "--k-qry", "2"], capsys)
+    assert code == 2 and "--k-spt + --k-qry = 21 is more than the 20 drawings" in err
+    code, err = exit_code_and_stderr(["--split", "val"], capsys)
+    assert code == 2 and "--split is for --evaluate only" in err
