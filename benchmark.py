@@ -12,8 +12,9 @@ so the numbers measure computation only, not data loading. Protocols:
             reproductions use, with the setting's meta-batch
 
 Printed: the median seconds per meta-iteration of the fast path (MetaLearner.forward, as the
-training loop runs it) and of the plain per-task loop (plain_maml.py), their ratio; the FLOPs of a meta-iteration (convolutions and matrix products, forward and all backward
-passes, query accuracy after every inner step included, as both paths compute it), counted by
+training loop runs it) and of the plain per-task loop (plain_maml.py), their ratio; the FLOPs of a
+meta-iteration (convolutions and matrix products, forward and all backward passes, query accuracy
+after every inner step included, as both paths compute it), counted by
 torch.utils.flop_counter on the reference loop, because its formula for a grouped convolution's
 backward counts the work once per group; the achieved GFLOP/s of each; the peak memory, and
 test tasks adapted per second by finetunning.

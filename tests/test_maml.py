@@ -162,7 +162,8 @@ def test_finetunning_keeps_meta_parameters_and_starts_from_them():
     per_task = meta_learner.finetunning(x_spt, y_spt, x_qry, y_qry, per_task=True)
     assert per_task.shape == (6, 4)
     np.testing.assert_allclose(meta_learner.finetunning(x_spt, y_spt, x_qry, y_qry), per_task.mean(axis=0), rtol=1e-6)
-    np.testing.assert_allclose(meta_learner.finetunning(x_spt[2], y_spt[2], x_qry[2], y_qry[2]), per_task[2], rtol=1e-6)
+    np.testing.assert_allclose(meta_learner.finetunning(x_spt[2], y_spt[2], x_qry[2], y_qry[2]), per_task[2],
+                               rtol=1e-6)
     with torch.no_grad():
         unadapted = (meta_learner.net(x_qry).argmax(-1) == y_qry).float().mean(1).numpy()
     np.testing.assert_array_equal(per_task[:, 0], unadapted)
