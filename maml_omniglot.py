@@ -64,6 +64,7 @@ EVALUATE_FLAGS = ("n_way", "k_spt", "k_qry", "update_step_test", "test_tasks", "
 FILES = {"log": "log.csv", "summary": "summary.json", "curves": "curves.png", "checkpoint": "checkpoint.pt",
          "model": "model.pt"}
 SEED_LIMIT = 2 ** 32  # numpy's legacy seeding accepts 0 .. 2**32 - 1
+MAX_EVALUATION_TASKS = 100_000  # the paper tests on 600; 100,000 already take hours on a CPU
 
 # ----------------------------------------------------------------------------------------------------
 # Command line
@@ -144,6 +145,10 @@ def check_config(cfg, parser):
                 "checkpoint_every"):
         if cfg[key] < 1:
             parser.error(f"{flag(key)} must be at least 1, got {cfg[key]}")
+    for key in ("eval_tasks", "test_tasks"):
+        if cfg[key] > MAX_EVALUATION_TASKS:
+            parser.error(f"{flag(key)} {cfg[key]} is more than {MAX_EVALUATION_TASKS:,}, which would take hours "
+                         f"(the paper tests on 600)")
     if not 0 <= cfg["seed"] < SEED_LIMIT:
         parser.error(f"--seed must be between 0 and {SEED_LIMIT - 1}, got {cfg['seed']}")
     try:
@@ -481,9 +486,11 @@ def main(argv=None):
                 else "no checkpoint had been written yet")
         print(f"maml_omniglot.py: error: {e}; stopping: {kept}. Try a smaller --meta-lr or --update-lr.",
               file=sys.stderr)
-    except MemoryError:
-        print("maml_omniglot.py: error: out of memory: make the tasks or the meta-batch smaller (--n-way, --k-spt, "
-              "--k-qry, --task-num)", file=sys.stderr)
+    except (MemoryError, RuntimeError) as e:  # numpy's MemoryError; torch's, a RuntimeError on CPU and CUDA
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(e):
+            raise
+        print(f"maml_omniglot.py: error: out of memory ({type(e).__name__}): make the tasks or the meta-batch "
+              f"smaller (--n-way, --k-spt, --k-qry, --task-num)", file=sys.stderr)
     except KeyboardInterrupt:  # outside the training loop, which checkpoints on SIGINT itself
         kept = (f"{checkpoint_path} is kept: continue with --resume"
                 if checkpoint_path is not None and os.path.exists(checkpoint_path) else "nothing was written")

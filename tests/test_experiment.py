@@ -499,3 +499,19 @@ def test_evaluate_refuses_another_n_way_and_training_flags(finished_run, capsys,
     assert code == 2 and "--k-spt + --k-qry = 21 is more than the 20 drawings" in err
     code, err = exit_code_and_stderr(["--split", "val"], capsys)
     assert code == 2 and "--split is for --evaluate only" in err
+
+
+def test_a_meta_batch_too_large_for_memory_fails_in_one_line_leaving_nothing(learnable_omniglot_npy, tmp_path,
+                                                                              capsys):
+    out = tmp_path / "out"
+    assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, out, "--task-num", "100000000")) == 1
+    err = capsys.readouterr().err  # the progress bar had begun: the first validation samples the tasks
+    assert err.count("error") == 1
+    assert err.strip().splitlines()[-1].startswith("maml_omniglot.py: error: out of memory (")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("key", ["--eval-tasks", "--test-tasks"])
+def test_an_evaluation_that_would_never_end_is_refused(key, tmp_path, capsys, no_training):
+    code, err = exit_code_and_stderr(tiny_args(tmp_path / "data.npy", tmp_path / "out", key, "1000000"), capsys)
+    assert code == 2 and f"{key} 1000000 is more than 100,000, which would take hours" in err
