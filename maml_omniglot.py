@@ -16,7 +16,8 @@ and the other things it does:
 A run writes into runs/<setting>/ (git-ignored): log.csv, summary.json, curves.png, checkpoint.pt, and
 model.pt when it finishes; run_files.py says what each file holds. results/ holds published runs only
 (python results_table.py --publish). This file reads top to bottom: the settings, the command line,
-evaluation, the training loop, and main(), which tells the whole story in a dozen lines.
+evaluation, the training loop, and run(), which tells the whole story in a few lines; main() turns
+every expected failure into one line.
 """
 import argparse
 import csv
@@ -37,9 +38,9 @@ from curves import curves_png
 from meta import MetaLearner, NonFiniteError
 from omniglot_nshot import OmniglotNShot, task_shape_problem
 from preprocess_omniglot import PreprocessError
-from run_files import (FolderInUse, FolderLock, RunFileError, RunState, atomic_write, describe_changes, last_row,
-                       make_row, new_segment, read_checkpoint, read_log, read_model, set_rng_states, status_of,
-                       write_checkpoint, write_log, write_model, write_summary)
+from run_files import (FILES, FolderInUse, FolderLock, RunFileError, RunState, atomic_write, describe_changes,
+                       last_row, make_row, new_segment, read_checkpoint, read_log, read_model, set_rng_states,
+                       status_of, write_checkpoint, write_log, write_model, write_summary)
 
 # ----------------------------------------------------------------------------------------------------
 # Settings: the paper's appendix (reference code: github.com/cbfinn/maml)
@@ -61,8 +62,6 @@ RESUMABLE_CHANGES = ("data", "out", "device", "checkpoint_every")
 # The flags --evaluate takes; it reads every other value from the model's config.
 EVALUATE_FLAGS = ("n_way", "k_spt", "k_qry", "update_step_test", "test_tasks", "seed", "split", "data", "device",
                   "out")
-FILES = {"log": "log.csv", "summary": "summary.json", "curves": "curves.png", "checkpoint": "checkpoint.pt",
-         "model": "model.pt"}
 SEED_LIMIT = 2 ** 32  # numpy's legacy seeding accepts 0 .. 2**32 - 1
 MAX_EVALUATION_TASKS = 100_000  # the paper tests on 600; 100,000 already take hours on a CPU
 

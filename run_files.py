@@ -60,6 +60,8 @@ import torch
 CHECKPOINT_FORMAT = 3  # 3: one "run" entry (RunState) and a digest
 CHECKPOINT_LAST_READERS = {1: "1e6d682", 2: "bf074d8"}  # older formats: the last commit that resumes them
 CHECKPOINT_KEYS = ("format", "config", "run", "net", "meta_optim", "rng", "sampler", "digest")
+FILES = {"log": "log.csv", "summary": "summary.json", "curves": "curves.png", "checkpoint": "checkpoint.pt",
+         "model": "model.pt"}  # a run folder's files, by what they are
 MODEL_FORMAT = 1
 MODEL_KEYS = ("format", "config", "param_names", "state_dict", "digest")
 
