@@ -1,8 +1,8 @@
 """Several processes, one meta-batch: maml_omniglot.py under torchrun, across cores, GPUs and machines.
 
-    torchrun --nproc_per_node=P maml_omniglot.py [flags]            # P processes on this machine
-    torchrun --nnodes=M --nproc_per_node=P --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT --rdzv-id=RUN \\
-        maml_omniglot.py [flags]                                    # the same on each of M machines
+    torchrun --standalone --nproc_per_node=P maml_omniglot.py [flags]        # P processes on this machine
+    torchrun --nnodes=M --node_rank=N --master_addr=HOST --master_port=PORT --nproc_per_node=P \\
+        maml_omniglot.py [flags]                # on each of M machines, N = 0 .. M-1; HOST: machine 0's address
 
 The tasks of a meta-batch are independent until their meta-gradients are summed, so the design is small:
 each process adapts its share of the tasks, one all-reduce sums the meta-gradient, and every process takes
@@ -33,12 +33,16 @@ way). Two CPU runs with the same number of processes and threads agree bit for b
 
 One writer. Only rank 0 touches the output folder: the lock, log.csv, summary.json, curves.png, the
 checkpoint and model.pt. On --resume it reads the checkpoint and sends it to the others (from_rank_0). A
-checkpoint holds nothing of any one process, so a run can resume with another number of processes.
+checkpoint holds nothing of any one process, so a run can resume with another number of processes. Rank 0
+is process 0 of machine 0 (--node_rank=0): the run's folder is on that machine, unless --out is a shared
+disk. Every machine needs its own --data array; the processes refuse to build it.
 
 Failures. Every exchange goes through `exchange`, which turns a failed one into DistributedError, one line:
 a process died (the others see its connections close), or did not answer within TIMEOUT. torchrun then
-stops the processes that are left and exits with 1. A rendezvous of machines that fails is torchrun's to
-report: it gives up after --rdzv-conf join_timeout=SECONDS (600 by default), before this code runs.
+stops the processes that are left (SIGTERM, SIGKILL 30 s later) and exits with 1, printing its own report.
+A rendezvous of machines that fails is torchrun's to report: its agent gives up after --rdzv-conf
+timeout=SECONDS (600 by default), before this code runs. A process that cannot join the others here, in
+init_process_group, stops in one line too.
 """
 
 import datetime

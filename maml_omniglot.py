@@ -12,7 +12,7 @@ and the other things it does:
     python maml_omniglot.py --out DIR --resume          # continue an interrupted run from DIR/checkpoint.pt
     python maml_omniglot.py --evaluate DIR/model.pt     # test a trained network again (more steps, tasks, K)
     python maml_omniglot.py --plot-only DIR             # redraw DIR/curves.png from DIR/log.csv
-    torchrun --nproc_per_node=P maml_omniglot.py ...    # each meta-batch's tasks split over P processes
+    torchrun --standalone --nproc_per_node=P maml_omniglot.py ...   # each meta-batch split over P processes
 
 A run writes into runs/<setting>/ (git-ignored): log.csv, summary.json, curves.png, checkpoint.pt, and
 model.pt when it finishes; run_files.py says what each file holds, and distributed.py how torchrun's
