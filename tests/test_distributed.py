@@ -161,9 +161,13 @@ class Process:
         while chunk := os.read(self.popen.stderr.fileno(), 4096):
             self.stderr += chunk
 
+    def progress(self):
+        done = re.findall(rb"(\d+)/%d \[" % ITERATIONS, self.stderr)  # rank 0's progress bar
+        return int(done[-1]) if done else -1
+
     def wait_for(self, iteration, timeout=120):
         deadline = time.monotonic() + timeout
-        while not re.search(rb"(%d)/%d \[" % (iteration, ITERATIONS), self.stderr) and self.popen.poll() is None:
+        while self.progress() < iteration and self.popen.poll() is None:
             assert time.monotonic() < deadline, "the run made no progress"
             time.sleep(0.01)
 
