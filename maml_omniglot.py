@@ -12,14 +12,16 @@ and the other things it does:
     python maml_omniglot.py --out DIR --resume          # continue an interrupted run from DIR/checkpoint.pt
     python maml_omniglot.py --evaluate DIR/model.pt     # test a trained network again (more steps, tasks, K)
     python maml_omniglot.py --plot-only DIR             # redraw DIR/curves.png from DIR/log.csv
+    torchrun --standalone --nproc_per_node=P maml_omniglot.py ...   # each meta-batch split over P processes
 
 A run writes into runs/<setting>/ (git-ignored): log.csv, summary.json, curves.png, checkpoint.pt, and
-model.pt when it finishes; run_files.py says what each file holds. results/ holds published runs only
-(python results_table.py --publish). This file reads top to bottom: the settings, the command line,
-evaluation, the training loop, and run(), which tells the whole story in a few lines; main() turns
-every expected failure into one line.
+model.pt when it finishes; run_files.py says what each file holds, and distributed.py how torchrun's
+processes share a run. results/ holds published runs only (python results_table.py --publish). This file
+reads top to bottom: the settings, the command line, evaluation, the training loop, and run(), which
+tells the whole story in a few lines; main() turns every expected failure into one line.
 """
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -34,7 +36,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import distributed
 from curves import curves_png
+from distributed import DistributedError
 from meta import MetaLearner, NonFiniteError
 from omniglot_nshot import OmniglotNShot, task_shape_problem
 from preprocess_omniglot import PreprocessError
@@ -151,14 +155,20 @@ def check_config(cfg, parser):
     if not 0 <= cfg["seed"] < SEED_LIMIT:
         parser.error(f"--seed must be between 0 and {SEED_LIMIT - 1}, got {cfg['seed']}")
     try:
-        cfg["device"] = resolve_device(cfg["device"])
+        cfg["device"] = distributed.process_device(resolve_device(cfg["device"]))
     except ValueError as e:
         parser.error(str(e))
+    processes = distributed.world_size()
+    if cfg["task_num"] % processes:
+        parser.error(f"--task-num {cfg['task_num']} does not split into {processes} equal shares, one per "
+                     f"process: give a multiple of {processes}, or another --nproc_per_node")
+    if distributed.launched() and not os.path.isfile(cfg["data"]):
+        parser.error(f"--data {cfg['data']} does not exist: under torchrun build it first, on every machine "
+                     f"(python preprocess_omniglot.py --out {cfg['data']}), so that the processes do not all build it")
 
 
 def resolve_config(args, parser):
-    """The run's config: the setting's values and the defaults for the flags left out, all checked; and
-    whether the output folder was created for it."""
+    """The run's config: the setting's values and the defaults for the flags left out, all checked."""
     if args.split is not None:
         parser.error("--split is for --evaluate only: training validates on val and tests on test")
     cfg = {"setting": args.setting}
@@ -169,7 +179,7 @@ def resolve_config(args, parser):
     for key, default in dict(RUN_DEFAULTS, out=os.path.join("runs", args.setting)).items():
         cfg[key] = default if getattr(args, key) is None else getattr(args, key)
     check_config(cfg, parser)
-    return cfg, check_output_folder(cfg["out"], args.resume, parser)
+    return cfg
 
 
 def check_output_folder(out, resume, parser):
@@ -210,13 +220,15 @@ def evaluate(meta_learner, sampler, split, n_tasks):
 
     The split's sampler is reset first, so every validation sees the same tasks (curves are comparable)
     and evaluating never changes the training tasks. The interval is 1.96 * std / sqrt(n) over tasks,
-    with numpy's std (ddof=0), as in the reference code.
+    with numpy's std (ddof=0), as in the reference code. Under torchrun each process adapts its share of
+    every batch, and they exchange the results.
     """
     sampler.reset(split)
     per_task = []
     seen = 0
     while seen < n_tasks:
-        accs = meta_learner.finetunning(*sampler.next(split), per_task=True)  # [task_num, update_step_test + 1]
+        accs = meta_learner.finetunning(*distributed.my_tasks(sampler.next(split)), per_task=True)
+        accs = distributed.gather_tasks(accs, f"the {split} accuracies")  # [task_num, update_step_test + 1]
         per_task.append(accs)
         seen += len(accs)
     per_task = np.concatenate(per_task)[:n_tasks]
@@ -231,7 +243,8 @@ def make_sampler(cfg):
 def make_meta_learner(cfg):
     return MetaLearner(n_way=cfg["n_way"], k_spt=cfg["k_spt"], update_lr=cfg["update_lr"], meta_lr=cfg["meta_lr"],
                        update_step=cfg["update_step"], update_step_test=cfg["update_step_test"],
-                       first_order=cfg["first_order"]).to(cfg["device"])
+                       first_order=cfg["first_order"],
+                       reduce=distributed.average_meta_step if distributed.launched() else None).to(cfg["device"])
 
 
 def seed_everything(seed):
@@ -318,7 +331,9 @@ def train(cfg, meta_learner, sampler, state, paths):
 
     Each checkpoint is followed by an "in progress" summary.json that describes exactly what it holds.
     A SIGINT or SIGTERM finishes the iteration, checkpoints it and exits with 128 + the signal number.
+    Under torchrun every process runs this loop on its share of the tasks, and only rank 0 writes and reports.
     """
+    writer = distributed.writer()
 
     def validate(iteration):
         accs, ci95 = evaluate(meta_learner, sampler, "val", cfg["eval_tasks"])
@@ -326,29 +341,36 @@ def train(cfg, meta_learner, sampler, state, paths):
         return accs[-1]
 
     def checkpoint_and_maybe_stop(iteration, stop):
-        if iteration % cfg["checkpoint_every"] == 0 or iteration == cfg["iterations"] or stop.signum:
+        signum = distributed.largest(stop.signum or 0, "the stop signal")  # a signal to one process stops all
+        if iteration % cfg["checkpoint_every"] == 0 or iteration == cfg["iterations"] or signum:
+            distributed.check_identical(meta_learner.net.state_dict(), f"the meta-parameters at iteration {iteration}")
             state.advance(iteration)
-            write_checkpoint(paths["checkpoint"], cfg, state, meta_learner, sampler)
-            write_summary(paths["summary"], cfg, state)
-        if stop.signum:
-            tqdm.write(f"{signal.Signals(stop.signum).name} at iteration {iteration}: checkpoint saved to "
-                       f"{paths['checkpoint']}; continue with the same command and --resume", file=sys.stderr)
-            raise SystemExit(128 + stop.signum)
+            if writer:
+                write_checkpoint(paths["checkpoint"], cfg, state, meta_learner, sampler)
+                write_summary(paths["summary"], cfg, state)
+        if signum:
+            if writer:
+                tqdm.write(f"{signal.Signals(signum).name} at iteration {iteration}: checkpoint saved to "
+                           f"{paths['checkpoint']}; continue with the same command and --resume", file=sys.stderr)
+            raise SystemExit(128 + signum)
 
     val_row = last_row(state.log, "val")
     val_acc = val_row[f"acc_step{cfg['update_step_test']}"] if val_row else float("nan")
     ema = None
     with StopRequested() as stop, tqdm(total=cfg["iterations"], initial=state.iteration, unit="it",
-                                       dynamic_ncols=True, desc=f"{cfg['n_way']}-way {cfg['k_spt']}-shot") as bar:
+                                       dynamic_ncols=True, desc=f"{cfg['n_way']}-way {cfg['k_spt']}-shot",
+                                       disable=not writer) as bar:
         if state.iteration == 0 and not state.log:  # the untrained initialisation, for reference
             val_acc = validate(0)
-            write_log(paths["log"], state.log, cfg)
+            if writer:
+                write_log(paths["log"], state.log, cfg)
             checkpoint_and_maybe_stop(0, stop)
         for iteration in range(state.iteration + 1, cfg["iterations"] + 1):
             # The meta-step (MetaLearner.forward): adapt every task on its support set, take the query
             # loss of the adapted weights, backpropagate through the adaptation, one Adam step on θ.
+            # Under torchrun, on this process's share of the tasks, with the meta-gradients summed.
             started = time.monotonic()
-            x_spt, y_spt, x_qry, y_qry = sampler.next("train")
+            x_spt, y_spt, x_qry, y_qry = distributed.my_tasks(sampler.next("train"))
             try:
                 loss, accs = meta_learner(x_spt, y_spt, x_qry, y_qry)
             except NonFiniteError as e:
@@ -369,9 +391,11 @@ def train(cfg, meta_learner, sampler, state, paths):
                                           state.elapsed()))
                 state.empty_window()
                 val_acc = validate(iteration)
-                write_log(paths["log"], state.log, cfg)
-                tqdm.write(f"iteration {iteration}: query accuracy train {train_accs[-1]:.3f} (after "
-                           f"{cfg['update_step']} inner steps), val {val_acc:.3f} (after {cfg['update_step_test']})")
+                if writer:
+                    write_log(paths["log"], state.log, cfg)
+                    tqdm.write(f"iteration {iteration}: query accuracy train {train_accs[-1]:.3f} (after "
+                               f"{cfg['update_step']} inner steps), val {val_acc:.3f} (after "
+                               f"{cfg['update_step_test']})")
             bar.set_postfix(train_acc=f"{ema:.3f}", val_acc=f"{val_acc:.3f}", refresh=False)
             bar.update(1)
 
@@ -412,10 +436,11 @@ def start_or_resume(cfg, checkpoint, command):
         sampler.load_state_dict(checkpoint["sampler"])
         set_rng_states(checkpoint["rng"])
         state = RunState(**checkpoint["run"])
-        print(f"resuming from {os.path.join(cfg['out'], FILES['checkpoint'])} at iteration {state.iteration}",
-              file=sys.stderr)
+        if distributed.writer():
+            print(f"resuming from {os.path.join(cfg['out'], FILES['checkpoint'])} at iteration {state.iteration}",
+                  file=sys.stderr)
     state.start_segment(new_segment(state.iteration, cfg, command))
-    if len(state.segments) > 1:
+    if len(state.segments) > 1 and distributed.writer():
         changes = describe_changes(state.segments[-2], state.segments[-1])
         if changes:
             print(f"note: this segment differs from the previous one ({'; '.join(changes)}): the run continues "
@@ -435,15 +460,22 @@ def finish(cfg, meta_learner, state, paths, test_accs, test_ci):
           + ", ".join(f"{100 * a:.2f}% ± {100 * c:.2f}" for a, c in zip(test_accs, test_ci)))
 
 
-def run(cfg, resume, created, command, parser):
-    """The experiment: the config (checked), start or resume, train, test, report."""
+def run(cfg, resume, command, parser):
+    """The experiment: the output folder (checked), start or resume, train, test, report.
+
+    Under torchrun only rank 0 touches the folder: it checks it, locks it, reads the checkpoint and sends
+    it to the others, and writes every file."""
     paths = {key: os.path.join(cfg["out"], name) for key, name in FILES.items()}
-    checkpoint = read_resume_point(resume, cfg, paths, parser)
-    with FolderLock(cfg["out"], created):  # one writer per folder
+    writer = distributed.writer()
+    created = writer and check_output_folder(cfg["out"], resume, parser)
+    checkpoint = read_resume_point(resume, cfg, paths, parser) if writer else None
+    with FolderLock(cfg["out"], created) if writer else contextlib.nullcontext():  # one writer per folder
+        checkpoint = distributed.from_rank_0(checkpoint, "the checkpoint")
         sampler, meta_learner, state = start_or_resume(cfg, checkpoint, command)
         train(cfg, meta_learner, sampler, state, paths)
         test_accs, test_ci = evaluate(meta_learner, sampler, "test", cfg["test_tasks"])
-        finish(cfg, meta_learner, state, paths, test_accs, test_ci)
+        if writer:
+            finish(cfg, meta_learner, state, paths, test_accs, test_ci)
     return 0
 
 
@@ -462,38 +494,52 @@ def plot_only(folder, parser):
 def main(argv=None):
     """Parse the command line, run what it asks for, and turn every expected failure into one line."""
     parser = build_parser()
+    if distributed.launched():  # every process of a torchrun prints its own errors: each says which it is
+        parser.prog += f" (rank {distributed.rank()} of {distributed.world_size()})"
     args = parser.parse_args(argv)
     command = shlex.join(["python", "maml_omniglot.py"] + (sys.argv[1:] if argv is None else list(argv)))
+    if distributed.launched() and (args.plot_only or args.evaluate):
+        parser.error("--plot-only and --evaluate run in one process: start them with python, not torchrun")
     if args.plot_only:
         return plot_only(args.plot_only, parser)
     checkpoint_path = None
+
+    def kept():
+        if not distributed.writer():
+            return "rank 0 keeps the last checkpoint"
+        return (f"the last good checkpoint ({checkpoint_path}) is kept" if os.path.exists(checkpoint_path)
+                else "no checkpoint had been written yet")
+
     try:
         if args.evaluate:
             return evaluate_model(args, parser, command)
-        cfg, created = resolve_config(args, parser)
+        cfg = resolve_config(args, parser)
         checkpoint_path = os.path.join(cfg["out"], FILES["checkpoint"])
-        return run(cfg, args.resume, created, command, parser)
+        distributed.join(cfg["device"])
+        code = run(cfg, args.resume, command, parser)
+        distributed.leave()
+        return code
     except FolderInUse as e:
         parser.error(str(e))
     except PreprocessError as e:  # --data names no usable array, and there are no zips to build it from
-        print(f"maml_omniglot.py: error: {e}", file=sys.stderr)
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     except RunFileError as e:  # a full disk
-        print(f"maml_omniglot.py: error: {e}", file=sys.stderr)
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
     except NonFiniteError as e:
-        kept = (f"the last good checkpoint ({checkpoint_path}) is kept" if os.path.exists(checkpoint_path)
-                else "no checkpoint had been written yet")
-        print(f"maml_omniglot.py: error: {e}; stopping: {kept}. Try a smaller --meta-lr or --update-lr.",
+        print(f"{parser.prog}: error: {e}; stopping: {kept()}. Try a smaller --meta-lr or --update-lr.",
               file=sys.stderr)
+    except DistributedError as e:  # under torchrun: a process died or hung, or the processes drifted apart
+        print(f"{parser.prog}: error: {e}; stopping: {kept()}", file=sys.stderr)
     except (MemoryError, RuntimeError) as e:  # numpy's MemoryError; torch's, a RuntimeError on CPU and CUDA
         if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(e):
             raise
-        print(f"maml_omniglot.py: error: out of memory ({type(e).__name__}): make the tasks or the meta-batch "
+        print(f"{parser.prog}: error: out of memory ({type(e).__name__}): make the tasks or the meta-batch "
               f"smaller (--n-way, --k-spt, --k-qry, --task-num)", file=sys.stderr)
     except KeyboardInterrupt:  # outside the training loop, which checkpoints on SIGINT itself
-        kept = (f"{checkpoint_path} is kept: continue with --resume"
+        left = (f"{checkpoint_path} is kept: continue with --resume"
                 if checkpoint_path is not None and os.path.exists(checkpoint_path) else "nothing was written")
-        print(f"maml_omniglot.py: interrupted; {kept}", file=sys.stderr)
+        print(f"{parser.prog}: interrupted; {left}", file=sys.stderr)
         return 130
     return 1
 

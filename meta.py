@@ -50,8 +50,10 @@ class NonFiniteError(ArithmeticError):
 class MetaLearner(nn.Module):
     """Holds the meta-parameters θ (a BaseNet) and the Adam meta-optimizer."""
 
-    def __init__(self, *, n_way, k_spt, update_lr, meta_lr, update_step, update_step_test, first_order=False):
+    def __init__(self, *, n_way, k_spt, update_lr, meta_lr, update_step, update_step_test, first_order=False,
+                 reduce=None):
         super().__init__()
+        self.reduce = reduce  # several processes: their shares of a meta-batch made one (distributed.py)
         self.k_spt = k_spt
         self.update_lr = update_lr
         self.update_step = update_step
@@ -115,10 +117,16 @@ class MetaLearner(nn.Module):
         meta-gradient is not finite (before the step: θ and Adam's state are untouched) or if the step
         made θ non-finite (an overflow inside Adam); the caller stops without saving, so the last
         checkpoint, written after a step that passed both checks, holds finite weights.
+
+        When the tasks of a meta-batch are spread over several processes, each passes its share, and
+        `reduce(parameters, loss, accs)` turns its meta-gradient (the parameters' .grad), loss and
+        accuracies into the whole batch's before the checks, so that every process takes the same step.
         """
         self.meta_optim.zero_grad(set_to_none=True)
         loss, accs = self.meta_loss(x_spt, y_spt, x_qry, y_qry)
         loss.backward()
+        if self.reduce is not None:
+            loss, accs = self.reduce(list(self.net.parameters()), loss.detach(), accs)
         grads = [p.grad for p in self.net.parameters()]
         if not all(torch.isfinite(g).all() for g in grads):
             raise NonFiniteError(f"the meta-gradient is not finite (meta-loss {loss.item()})")

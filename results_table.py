@@ -157,6 +157,9 @@ def describe(summary):
         device = segment["device"]["name"]
         if segment["device"]["type"] == "cpu":
             device += f", {segment['device']['cpu_threads']} threads"
+        processes = segment["device"].get("processes", 1)  # torchrun's (distributed.py); older segments: one
+        if processes > 1:
+            device += f" x {processes} processes"
         devices.append(device)
     commits = [(segment["git"]["commit"] or "unknown")[:10] for segment in summary["segments"]]
     return (ours, iterations, f"{summary['wall_time_s'] / 3600:.2f} h", "; ".join(unique(devices)),

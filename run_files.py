@@ -20,9 +20,10 @@ A run's folder (--out, runs/<setting>/ by default) holds:
   summary.json   the record of the run: status ("in progress" or "finished"), the iterations done, the
                  last validation, the test accuracies with 95% intervals (once finished), the config,
                  seed, command, git commit, versions, device, wall time, meta-iterations per second, and
-                 one entry per segment (a process that started or resumed the run) with its own
-                 iterations, command, commit, device and wall time. Rewritten at every checkpoint, so an
-                 unfinished run always has an up-to-date record of where it is and what produced it.
+                 one entry per segment (a process, or torchrun's processes, that started or resumed the
+                 run) with its own iterations, command, commit, device, processes and wall time. Rewritten
+                 at every checkpoint, so an unfinished run always has an up-to-date record of where it
+                 is and what produced it.
                  A folder whose summary says "finished" is never written into again.
   curves.png     drawn from log.csv by curves.py.
   checkpoint.pt  everything needed to continue the run exactly (CHECKPOINT_KEYS below), written every
@@ -56,6 +57,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 CHECKPOINT_FORMAT = 3  # 3: one "run" entry (RunState) and a digest
 CHECKPOINT_LAST_READERS = {1: "1e6d682", 2: "bf074d8"}  # older formats: the last commit that resumes them
@@ -262,12 +264,16 @@ def device_description(device):
 def new_segment(iteration, cfg, command):
     """The record of one process that runs part of the run, from `iteration` on: what ran, where, when.
 
-    A run resumed across machines, thread counts or commits is still one run, but it was not produced
-    by one command at one commit; its summary.json lists every segment, so that nothing is hidden.
+    A run resumed across machines, thread counts, numbers of processes or commits is still one run, but it
+    was not produced by one command at one commit; its summary.json lists every segment, so that nothing is
+    hidden. Under torchrun, device is rank 0's, and processes and backend say how many shared the work and how
+    they talked (distributed.py); without it they are 1 and null.
     """
+    joined = dist.is_available() and dist.is_initialized()
     return {"from_iteration": iteration, "to_iteration": iteration, "command": command, "git": git_info(),
             "device": {"type": torch.device(cfg["device"]).type, "name": device_description(cfg["device"]),
-                       "cpu_threads": torch.get_num_threads()},
+                       "cpu_threads": torch.get_num_threads(), "processes": dist.get_world_size() if joined else 1,
+                       "backend": dist.get_backend() if joined else None},
             "torch": torch.__version__, "python": platform.python_version(),
             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_time_s": 0.0}
 
@@ -280,6 +286,9 @@ def describe_changes(previous, current):
     for key in ("name", "cpu_threads"):
         if previous["device"][key] != current["device"][key]:
             changes.append(f"{key.replace('_', ' ')} {previous['device'][key]} -> {current['device'][key]}")
+    processes = [segment["device"].get("processes", 1) for segment in (previous, current)]  # older segments: 1
+    if processes[0] != processes[1]:
+        changes.append(f"processes {processes[0]} -> {processes[1]}")
     if previous["torch"] != current["torch"]:
         changes.append(f"torch {previous['torch']} -> {current['torch']}")
     return changes

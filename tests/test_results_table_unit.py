@@ -317,6 +317,13 @@ def test_an_unfinished_run_without_a_validation_yet_says_so():
     assert results_table.describe(run)[:2] == ("in progress: no validation yet", "1,000 of 60,000")
 
 
+def test_a_run_resumed_under_torchrun_names_its_processes():
+    run = summary()
+    two = dict(run["segments"][0], device=dict(run["device"], cpu_threads=1, processes=2, backend="gloo"))
+    run["segments"].append(two)  # the first segment, written before torchrun was supported, has no "processes"
+    assert results_table.describe(run)[3] == "AMD EPYC, 2 threads; AMD EPYC, 1 threads x 2 processes"
+
+
 def test_a_publish_killed_midway_leaves_a_hidden_folder_that_is_no_run(root):
     write_run(root / "results" / ".5w1s.4242.tmp", summary())  # what a kill -9 during the copy leaves behind
     (root / "results" / ".5w1s.4242.tmp" / "summary.json").write_text('{"status": "fin')  # cut off mid-copy
