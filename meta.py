@@ -28,6 +28,11 @@ learner.py), and one `autograd.grad` of the summed support losses gives every ta
 because task i's loss depends only on task i's fast weights. The same algorithm written task by task,
 with nothing batched, is plain_maml.py: read it first.
 
+One meta-step without waiting for the device. `step_tensors` is the whole meta-step (zero the
+gradients, meta-loss, backward, finiteness check, Adam step) on tensors alone: no number is read on the
+host and no branch depends on one, so that cuda_graph.py can capture it as one CUDA graph and replay
+it. `forward` runs the same function eagerly and then reads its results.
+
 Shapes: T tasks (task_num), N classes (n_way), K support and Q query drawings per class (k_spt, k_qry).
 """
 
@@ -41,6 +46,11 @@ from learner import BaseNet
 def accuracy_per_task(logits, labels):
     """Fraction of correct predictions per task: logits [T, n, N], labels [T, n] -> [T]."""
     return (logits.argmax(dim=-1) == labels).float().mean(dim=1)
+
+
+def all_finite(tensors):
+    """Whether every number in `tensors` is finite, as a bool tensor on their device (nothing is read)."""
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
 
 class NonFiniteError(ArithmeticError):
@@ -88,8 +98,9 @@ class MetaLearner(nn.Module):
         """Outer loss of a batch of tasks and the query accuracy after 0..update_step inner steps.
 
         x_spt [T, N*K, 1, 28, 28], y_spt [T, N*K], x_qry [T, N*Q, 1, 28, 28], y_qry [T, N*Q].
-        Returns (loss, accs): loss is the differentiable mean query cross-entropy after `update_step`
-        steps, averaged over tasks; accs a numpy array of update_step + 1 accuracies.
+        Returns (loss, accs), both on the tasks' device: loss is the differentiable mean query
+        cross-entropy after `update_step` steps, averaged over tasks; accs a tensor of update_step + 1
+        accuracies.
 
         Only the last step's query forward is needed for the loss; the accuracies before it are
         measured without building a graph.
@@ -106,26 +117,78 @@ class MetaLearner(nn.Module):
                 logits = self.net(x_qry, fast_weights)  # [T, N*Q, N]
                 loss = F.cross_entropy(logits.flatten(0, 1), y_qry.flatten())
                 accs.append(accuracy_per_task(logits.detach(), y_qry).mean())
-        return loss, torch.stack(accs).cpu().numpy()
+        return loss, torch.stack(accs)
+
+    def step_tensors(self, x_spt, y_spt, x_qry, y_qry):
+        """One meta-step, computed on the device without reading any number: what forward runs, and what
+        cuda_graph.py captures as one CUDA graph.
+
+        Returns (loss, accs, refused), tensors on the device: the meta-loss (detached) and the accuracies
+        of meta_loss, and `refused`, 0 when the Adam step was taken, 1 when the meta-gradient was not
+        finite, 2 when the step made θ non-finite (an overflow inside Adam). A refused step leaves θ and
+        Adam's state exactly as they were.
+
+        Why the step is taken and then undone rather than tested first: a test is a branch on a number
+        on the device, which a CUDA graph cannot contain (a replay launches the same kernels every
+        time), and which makes the host wait for the device. So Adam always steps, and every tensor it
+        changes (θ, its moments, its step counts) is then set to torch.where(taken, new value, copy
+        kept before the step). When taken, that is the new value bit for bit, so the numbers are those
+        of an unguarded step (tests/test_maml.py checks it); when refused, the old one bit for bit. The
+        copies are three passes over θ's 0.1 M numbers, nothing next to the meta-gradient. The host reads
+        `refused` afterwards (read_step) and raises. One exception, handled by forward: Adam creates its
+        state at its first step, so a refused first step leaves a new state behind, which forward drops.
+        """
+        self.match_adam_to_device()
+        self.meta_optim.zero_grad(set_to_none=True)
+        loss, accs = self.meta_loss(x_spt, y_spt, x_qry, y_qry)
+        loss.backward()
+        theta = list(self.net.parameters())
+        gradient_finite = all_finite([p.grad for p in theta])
+        changed = theta + [t for p in theta for t in self.meta_optim.state.get(p, {}).values()]
+        with torch.no_grad():
+            kept = [t.clone() for t in changed]
+            self.meta_optim.step()
+            refused = torch.where(gradient_finite, torch.where(all_finite(theta), 0, 2), 1)
+            for tensor, before in zip(changed, kept):
+                tensor.copy_(torch.where(refused == 0, tensor, before))
+        return loss.detach(), accs, refused
+
+    def match_adam_to_device(self):
+        """Adam as the device wants it. On CUDA with capturable=True: its step counts live on the GPU and
+        its bias corrections are computed there, as a CUDA graph requires (and the eager path does the
+        same, so that both run one function). On the CPU with capturable=False, Adam's default: step
+        counts on the CPU, corrections in Python floats. A checkpoint from the other kind of device is
+        converted here; the change is a rounding difference at most."""
+        capturable = self.net.vars[0].device.type == "cuda"
+        for group in self.meta_optim.param_groups:
+            group["capturable"] = capturable
+        for p, state in self.meta_optim.state.items():
+            if "step" in state:
+                state["step"] = state["step"].to(p.device if capturable else "cpu")
+
+    def read_step(self, loss, accs, refused):
+        """The host's half of a meta-step (step_tensors, run or replayed): (loss as a float, accs as a numpy
+        array), or NonFiniteError for a refused step."""
+        refused = int(refused)  # the one wait for the device
+        if refused == 1:
+            raise NonFiniteError(f"the meta-gradient is not finite (meta-loss {loss.item()})")
+        if refused == 2:
+            raise NonFiniteError("the Adam step made the meta-parameters non-finite (the step was undone)")
+        return loss.item(), accs.cpu().numpy()
 
     def forward(self, x_spt, y_spt, x_qry, y_qry):
         """One meta-step on a batch of tasks: adapt, meta-loss, backward through the adaptation, Adam step.
 
-        Returns (loss, accs) as meta_loss does, the loss as a float. Raises NonFiniteError if the
-        meta-gradient is not finite (before the step: θ and Adam's state are untouched) or if the step
-        made θ non-finite (an overflow inside Adam); the caller stops without saving, so the last
-        checkpoint, written after a step that passed both checks, holds finite weights.
+        Returns (loss, accs) as meta_loss does, the loss as a float and accs as a numpy array. Raises
+        NonFiniteError if the meta-gradient is not finite or if the step would make θ non-finite (an
+        overflow inside Adam); either way θ and Adam's state are left as they were before the step
+        (step_tensors), and the caller stops without saving, so the last checkpoint holds finite weights.
         """
-        self.meta_optim.zero_grad(set_to_none=True)
-        loss, accs = self.meta_loss(x_spt, y_spt, x_qry, y_qry)
-        loss.backward()
-        grads = [p.grad for p in self.net.parameters()]
-        if not all(torch.isfinite(g).all() for g in grads):
-            raise NonFiniteError(f"the meta-gradient is not finite (meta-loss {loss.item()})")
-        self.meta_optim.step()
-        if not all(torch.isfinite(p).all() for p in self.net.parameters()):
-            raise NonFiniteError("the Adam step made the meta-parameters non-finite")
-        return loss.item(), accs
+        adam_started = bool(self.meta_optim.state)
+        loss, accs, refused = self.step_tensors(x_spt, y_spt, x_qry, y_qry)
+        if not adam_started and int(refused):
+            self.meta_optim.state.clear()  # the state Adam created at a refused first step: it had none before
+        return self.read_step(loss, accs, refused)
 
     def finetunning(self, x_spt, y_spt, x_qry, y_qry, per_task=False):
         """Adapt to test tasks for `update_step_test` steps and measure the query accuracy at each step.
