@@ -28,6 +28,14 @@ learner.py), and one `autograd.grad` of the summed support losses gives every ta
 because task i's loss depends only on task i's fast weights. The same algorithm written task by task,
 with nothing batched, is plain_maml.py: read it first.
 
+Or one task after another. The batched path is not faster everywhere: on this project's 2-core CPU
+it is 2.2x faster than a per-task loop with one inner step, but slower with five second-order ones,
+where PyTorch computes the double backward of a grouped convolution group by group, on slices it
+copies first (README, Speed). `MetaLearner.path` is the one rule that picks the path of the meta-step;
+the per-task path runs the same code on batches of one task and averages, so both compute the same
+function, up to float32 rounding (tests/test_maml.py compares both with plain_maml.py). finetunning
+has no double backward and always batches its tasks.
+
 One meta-step without waiting for the device. `step_tensors` is the whole meta-step (zero the
 gradients, meta-loss, backward, finiteness check, Adam step) on tensors alone: no number is read on the
 host and no branch depends on one, so that cuda_graph.py can capture it as one CUDA graph and replay
@@ -42,10 +50,17 @@ import torch.nn.functional as F
 
 from learner import BaseNet
 
+BATCHINGS = ("auto", "batched", "per task")  # MetaLearner's `batching`: "auto" lets MetaLearner.path decide
+
 
 def accuracy_per_task(logits, labels):
     """Fraction of correct predictions per task: logits [T, n, N], labels [T, n] -> [T]."""
     return (logits.argmax(dim=-1) == labels).float().mean(dim=1)
+
+
+def one_by_one(*batch):
+    """The tasks of a batch as batches of one task: tensors [T, ...] -> T tuples of views [1, ...]."""
+    return zip(*(tensor.split(1) for tensor in batch))
 
 
 def all_finite(tensors):
@@ -60,15 +75,36 @@ class NonFiniteError(ArithmeticError):
 class MetaLearner(nn.Module):
     """Holds the meta-parameters θ (a BaseNet) and the Adam meta-optimizer."""
 
-    def __init__(self, *, n_way, k_spt, update_lr, meta_lr, update_step, update_step_test, first_order=False):
+    def __init__(self, *, n_way, k_spt, update_lr, meta_lr, update_step, update_step_test, first_order=False,
+                 batching="auto"):
         super().__init__()
+        if batching not in BATCHINGS:
+            raise ValueError(f"batching must be one of {BATCHINGS}, got {batching!r}")
         self.k_spt = k_spt
         self.update_lr = update_lr
         self.update_step = update_step
         self.update_step_test = update_step_test
         self.first_order = first_order
+        self.batching = batching
         self.net = BaseNet(n_way)
         self.meta_optim = torch.optim.Adam(self.net.parameters(), lr=meta_lr)
+
+    def path(self, device):
+        """How meta_loss runs the tasks of a batch on `device`: "batched" (all at once) or "per task".
+
+        The rule, from measurements on this project's 2-core CPU (README, Speed; benchmark.py prints both
+        paths and which one this picks): batched is 2.2x faster than the per-task loop with one inner
+        step, and 13-23% slower with five second-order steps, where PyTorch computes the double backward
+        of a grouped convolution group by group; first order has no double backward, and batched is as
+        fast there. So the CPU runs the tasks one by one when there are several inner steps and their
+        gradients are differentiated, and batches them otherwise. CUDA always batches: one kernel launch
+        per operation instead of one per task, and one graph (cuda_graph.py). A `batching` other than
+        "auto" overrides the rule (tests and benchmark.py run both paths).
+        """
+        if self.batching != "auto":
+            return self.batching
+        several_second_order_steps = self.update_step > 1 and not self.first_order
+        return "per task" if device.type == "cpu" and several_second_order_steps else "batched"
 
     def support_loss(self, logits, labels):
         """Inner loss per task: Σ over the support examples of cross-entropy / K. [T, n, N], [T, n] -> [T]."""
@@ -100,7 +136,17 @@ class MetaLearner(nn.Module):
         x_spt [T, N*K, 1, 28, 28], y_spt [T, N*K], x_qry [T, N*Q, 1, 28, 28], y_qry [T, N*Q].
         Returns (loss, accs), both on the tasks' device: loss is the differentiable mean query
         cross-entropy after `update_step` steps, averaged over tasks; accs a tensor of update_step + 1
-        accuracies.
+        accuracies. The tasks run all at once or one by one, as `path` says; one by one, the loss and
+        the accuracies are the means over the tasks of each task's, the same numbers since every task
+        has N*Q query examples.
+        """
+        if self.path(x_spt.device) == "batched":
+            return self.batch_meta_loss(x_spt, y_spt, x_qry, y_qry)
+        losses, accs = zip(*(self.batch_meta_loss(*task) for task in one_by_one(x_spt, y_spt, x_qry, y_qry)))
+        return torch.stack(losses).mean(), torch.stack(accs).mean(dim=0)
+
+    def batch_meta_loss(self, x_spt, y_spt, x_qry, y_qry):
+        """meta_loss with all the tasks at once (see learner.py).
 
         Only the last step's query forward is needed for the loss; the accuracies before it are
         measured without building a graph.

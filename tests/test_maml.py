@@ -1,6 +1,6 @@
 """BaseNet and MetaLearner: shapes, exact second-order gradients, the first-order option, the
-inner-loss scaling, finetunning's promises, the meta-step as one function (step_tensors) with its
-refusals, and real learning on Omniglot."""
+inner-loss scaling, the two paths through a batch of tasks and the rule that picks one, finetunning's
+promises, the meta-step as one function (step_tensors) with its refusals, and real learning on Omniglot."""
 
 import copy
 
@@ -56,11 +56,12 @@ def test_batch_norm_is_transductive_and_per_task():
     assert list(net.buffers()) == []
 
 
+@pytest.mark.parametrize("batching", ["batched", "per task"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n_way, update_lr, update_step", [(5, 0.4, 3), (20, 0.1, 2)])  # the paper's inner rates
 @pytest.mark.parametrize("first_order", [False, True])
-def test_fast_path_matches_the_per_task_loop(n_way, update_lr, update_step, first_order, dtype):
-    """Loss, per-step accuracies and meta-gradient of the batched path equal the plain loop's.
+def test_fast_path_matches_the_per_task_loop(n_way, update_lr, update_step, first_order, dtype, batching):
+    """Loss, per-step accuracies and meta-gradient of both of MetaLearner's paths equal the plain loop's.
 
     float64 shows that the two compute the same function (to 1e-10). float32 is held to rtol 1e-4 on a
     small problem: on large ones a pre-activation within rounding of zero can fall on the other side of
@@ -69,7 +70,7 @@ def test_fast_path_matches_the_per_task_loop(n_way, update_lr, update_step, firs
     """
     torch.manual_seed(1)
     meta_learner = MetaLearner(n_way=n_way, k_spt=1, update_lr=update_lr, meta_lr=1e-3, update_step=update_step,
-                               update_step_test=3, first_order=first_order).to(dtype)
+                               update_step_test=3, first_order=first_order, batching=batching).to(dtype)
     tasks = random_tasks(2, n_way, 1, 1, torch.Generator().manual_seed(2), dtype=dtype)
     theta = list(meta_learner.net.parameters())
     rtol = 1e-4 if dtype == torch.float32 else 1e-10
@@ -197,6 +198,22 @@ def test_a_non_finite_meta_gradient_is_never_stepped_into():
     assert meta_learner.meta_optim.state_dict()["state"] == {}  # Adam never stepped
 
 
+@pytest.mark.parametrize("update_step, first_order, on_the_cpu", [(1, False, "batched"), (2, False, "per task"),
+                                                                  (5, False, "per task"), (5, True, "batched")])
+def test_the_cpu_runs_tasks_one_by_one_only_for_several_second_order_steps(update_step, first_order, on_the_cpu):
+    meta_learner = MetaLearner(n_way=5, k_spt=1, update_lr=0.4, meta_lr=1e-3, update_step=update_step,
+                               update_step_test=3, first_order=first_order)
+    assert meta_learner.path(torch.device("cpu")) == on_the_cpu
+    assert meta_learner.path(torch.device("cuda")) == "batched"  # a device name needs no GPU
+    meta_learner.batching = "per task"
+    assert meta_learner.path(torch.device("cpu")) == meta_learner.path(torch.device("cuda")) == "per task"
+
+
+def test_batching_is_auto_batched_or_per_task():
+    with pytest.raises(ValueError, match="batching must be one of"):
+        MetaLearner(n_way=5, k_spt=1, update_lr=0.4, meta_lr=1e-3, update_step=1, update_step_test=1, batching="x")
+
+
 def learner_and_copies(copies, **kwargs):
     """A small MetaLearner and `copies` deep copies of it: equal θ, equal Adam, independent."""
     torch.manual_seed(11)
@@ -216,12 +233,13 @@ def all_equal(tensors, others):
     return len(tensors) == len(others) and all(torch.equal(t, o) for t, o in zip(tensors, others))
 
 
-def test_step_tensors_is_the_unguarded_meta_step_bit_for_bit():
+@pytest.mark.parametrize("batching", ["batched", "per task"])
+def test_step_tensors_is_the_unguarded_meta_step_bit_for_bit(batching):
     """step_tensors, the meta-step that forward runs and cuda_graph.py captures, against the meta-step written
     plainly (zero the gradients, meta_loss, backward, Adam step): over three steps the loss, the accuracies, θ,
     its gradients and Adam's state agree to the last bit, so the guard against non-finite steps changes no
     number, and forward returns the same numbers."""
-    guarded, plain, forwarded = learner_and_copies(2)
+    guarded, plain, forwarded = learner_and_copies(2, batching=batching)
     for seed in range(3):
         tasks = random_tasks(3, 5, 1, 2, torch.Generator().manual_seed(20 + seed))
         loss, accs, refused = guarded.step_tensors(*tasks)
