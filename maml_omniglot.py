@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cuda_graph import GraphedMetaStep
 from curves import curves_png
 from meta import MetaLearner, NonFiniteError
 from omniglot_nshot import OmniglotNShot, task_shape_problem
@@ -94,6 +95,8 @@ def build_parser():
     p.add_argument("--no-rotate", action="store_true", help="no random 90-degree rotations of the classes")
     p.add_argument("--seed", type=int, help="seed for the network, the tasks and all RNGs (0)")
     p.add_argument("--device", help="auto (CUDA when available), cpu, cuda or cuda:N (auto)")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="on CUDA, run every meta-step eagerly instead of replaying it as one CUDA graph")
     p.add_argument("--eval-every", type=int, help="validate and log training every N iterations (500)")
     p.add_argument("--eval-tasks", type=int, help="validation tasks per validation (320)")
     p.add_argument("--test-tasks", type=int, help="test tasks at the end, or with --evaluate (600)")
@@ -230,6 +233,14 @@ def make_meta_learner(cfg):
                        first_order=cfg["first_order"]).to(cfg["device"])
 
 
+def computation(cfg, meta_learner, cuda_graph):
+    """How this process computes, as its segment in summary.json records it: the meta-step's tasks batched or
+    one by one (MetaLearner.path), and whether the meta-step is one CUDA graph (on CUDA, unless
+    --no-cuda-graph). The training loop reads cuda_graph from here: it does what is recorded."""
+    device = torch.device(cfg["device"])
+    return {"meta_step": meta_learner.path(device), "cuda_graph": cuda_graph and device.type == "cuda"}
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -278,7 +289,7 @@ def evaluate_model(args, parser, command):
     if args.out is not None:
         report = {"accs": [float(a) for a in accs], "ci95": [float(c) for c in ci95], "tasks": cfg["test_tasks"],
                   "split": split, "model": args.evaluate, "config": cfg, "command": command,
-                  "segment": new_segment(0, cfg, command)}
+                  "segment": new_segment(0, cfg, command, computation(cfg, meta_learner, cuda_graph=False))}
         atomic_write(os.path.join(args.out, "evaluation.json"), (json.dumps(report, indent=2) + "\n").encode())
     return 0
 
@@ -333,6 +344,7 @@ def train(cfg, meta_learner, sampler, state, paths):
     val_row = last_row(state.log, "val")
     val_acc = val_row[f"acc_step{cfg['update_step_test']}"] if val_row else float("nan")
     ema = None
+    meta_step = GraphedMetaStep(meta_learner) if state.segments[-1]["computation"]["cuda_graph"] else meta_learner
     with StopRequested() as stop, tqdm(total=cfg["iterations"], initial=state.iteration, unit="it",
                                        dynamic_ncols=True, desc=f"{cfg['n_way']}-way {cfg['k_spt']}-shot") as bar:
         if state.iteration == 0 and not state.log:  # the untrained initialisation, for reference
@@ -340,12 +352,12 @@ def train(cfg, meta_learner, sampler, state, paths):
             write_log(paths["log"], state.log, cfg)
             checkpoint_and_maybe_stop(0, stop)
         for iteration in range(state.iteration + 1, cfg["iterations"] + 1):
-            # The meta-step (MetaLearner.forward): adapt every task on its support set, take the query
-            # loss of the adapted weights, backpropagate through the adaptation, one Adam step on θ.
+            # The meta-step (MetaLearner.forward, or its CUDA graph): adapt every task on its support set, take
+            # the query loss of the adapted weights, backpropagate through the adaptation, one Adam step on θ.
             started = time.monotonic()
             x_spt, y_spt, x_qry, y_qry = sampler.next("train")
             try:
-                loss, accs = meta_learner(x_spt, y_spt, x_qry, y_qry)
+                loss, accs = meta_step(x_spt, y_spt, x_qry, y_qry)
             except NonFiniteError as e:
                 raise NonFiniteError(f"{e} at iteration {iteration}") from None
             state.train_s += time.monotonic() - started
@@ -395,7 +407,7 @@ def read_resume_point(resume, cfg, paths, parser):
     return checkpoint
 
 
-def start_or_resume(cfg, checkpoint, command):
+def start_or_resume(cfg, checkpoint, command, cuda_graph):
     """The sampler, the meta-learner and the run's state: fresh from the seed, or as the checkpoint left them."""
     seed_everything(cfg["seed"])
     sampler = make_sampler(cfg)  # loads the data (and builds data/omniglot.npy first if it is missing)
@@ -409,7 +421,7 @@ def start_or_resume(cfg, checkpoint, command):
         state = RunState(**checkpoint["run"])
         print(f"resuming from {os.path.join(cfg['out'], FILES['checkpoint'])} at iteration {state.iteration}",
               file=sys.stderr)
-    state.start_segment(new_segment(state.iteration, cfg, command))
+    state.start_segment(new_segment(state.iteration, cfg, command, computation(cfg, meta_learner, cuda_graph)))
     if len(state.segments) > 1:
         changes = describe_changes(state.segments[-2], state.segments[-1])
         if changes:
@@ -430,12 +442,12 @@ def finish(cfg, meta_learner, state, paths, test_accs, test_ci):
           + ", ".join(f"{100 * a:.2f}% ± {100 * c:.2f}" for a, c in zip(test_accs, test_ci)))
 
 
-def run(cfg, resume, created, command, parser):
+def run(cfg, resume, created, command, parser, cuda_graph):
     """The experiment: the config (checked), start or resume, train, test, report."""
     paths = {key: os.path.join(cfg["out"], name) for key, name in FILES.items()}
     checkpoint = read_resume_point(resume, cfg, paths, parser)
     with FolderLock(cfg["out"], created):  # one writer per folder
-        sampler, meta_learner, state = start_or_resume(cfg, checkpoint, command)
+        sampler, meta_learner, state = start_or_resume(cfg, checkpoint, command, cuda_graph)
         train(cfg, meta_learner, sampler, state, paths)
         test_accs, test_ci = evaluate(meta_learner, sampler, "test", cfg["test_tasks"])
         finish(cfg, meta_learner, state, paths, test_accs, test_ci)
@@ -466,7 +478,7 @@ def main(argv=None):
     cfg, created = resolve_config(args, parser)
     checkpoint_path = os.path.join(cfg["out"], FILES["checkpoint"])
     try:
-        return run(cfg, args.resume, created, command, parser)
+        return run(cfg, args.resume, created, command, parser, cuda_graph=not args.no_cuda_graph)
     except FolderInUse as e:
         parser.error(str(e))
     except PreprocessError as e:  # --data names no usable array, and there are no zips to build it from
