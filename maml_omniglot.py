@@ -234,11 +234,12 @@ def make_meta_learner(cfg):
 
 
 def computation(cfg, meta_learner, cuda_graph):
-    """How this process computes, as its segment in summary.json records it: the meta-step's tasks batched or
-    one by one (MetaLearner.path), and whether the meta-step is one CUDA graph (on CUDA, unless
-    --no-cuda-graph). The training loop reads cuda_graph from here: it does what is recorded."""
+    """How this process computes, as its segment in summary.json records it: the tasks batched or one by one
+    in the meta-step and finetunning (MetaLearner.path), and whether the meta-step is one CUDA graph (on
+    CUDA, unless --no-cuda-graph). The training loop reads cuda_graph from here: it does what is recorded."""
     device = torch.device(cfg["device"])
-    return {"meta_step": meta_learner.path(device), "cuda_graph": cuda_graph and device.type == "cuda"}
+    images_per_task = cfg["n_way"] * (cfg["k_spt"] + cfg["k_qry"])
+    return {"tasks": meta_learner.path(device, images_per_task), "cuda_graph": cuda_graph and device.type == "cuda"}
 
 
 def seed_everything(seed):

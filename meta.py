@@ -28,13 +28,13 @@ learner.py), and one `autograd.grad` of the summed support losses gives every ta
 because task i's loss depends only on task i's fast weights. The same algorithm written task by task,
 with nothing batched, is plain_maml.py: read it first.
 
-Or one task after another. The batched path is not faster everywhere: on this project's 2-core CPU
-it is 2.2x faster than a per-task loop with one inner step, but slower with five second-order ones,
-where PyTorch computes the double backward of a grouped convolution group by group, on slices it
-copies first (README, Speed). `MetaLearner.path` is the one rule that picks the path of the meta-step;
-the per-task path runs the same code on batches of one task and averages, so both compute the same
-function, up to float32 rounding (tests/test_maml.py compares both with plain_maml.py). finetunning
-has no double backward and always batches its tasks.
+Or one task after another. The batched path is not faster everywhere: on this project's 2-core CPU it
+is 1.5 to 1.7x faster than a per-task loop for 5-way 1-shot tasks, but up to 2x slower for larger
+tasks, where its grouped convolutions (and their double backward, which PyTorch runs group by group
+on copied slices) cost more than one task's plain convolutions (README, Speed). `MetaLearner.path` is
+the one rule that picks the path, for the meta-step and finetunning alike; the per-task path runs the
+same code on batches of one task, so both compute the same function, up to float32 rounding
+(tests/test_maml.py compares both with plain_maml.py and with each other).
 
 One meta-step without waiting for the device. `step_tensors` is the whole meta-step (zero the
 gradients, meta-loss, backward, finiteness check, Adam step) on tensors alone: no number is read on the
@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from learner import BaseNet
 
 BATCHINGS = ("auto", "batched", "per task")  # MetaLearner's `batching`: "auto" lets MetaLearner.path decide
+CPU_BATCHED_IMAGES = 20  # on the CPU, tasks of at most this many images (support + query) run batched
 
 
 def accuracy_per_task(logits, labels):
@@ -89,22 +90,29 @@ class MetaLearner(nn.Module):
         self.net = BaseNet(n_way)
         self.meta_optim = torch.optim.Adam(self.net.parameters(), lr=meta_lr)
 
-    def path(self, device):
-        """How meta_loss runs the tasks of a batch on `device`: "batched" (all at once) or "per task".
+    def path(self, device, images_per_task):
+        """How a batch of tasks of `images_per_task` images each (N*K support + N*Q query) runs on `device`:
+        "batched" (all at once) or "per task" (one after another), for the meta-step and finetunning.
 
-        The rule, from measurements on this project's 2-core CPU (README, Speed; benchmark.py prints both
-        paths and which one this picks): batched is 2.2x faster than the per-task loop with one inner
-        step, and 13-23% slower with five second-order steps, where PyTorch computes the double backward
-        of a grouped convolution group by group; first order has no double backward, and batched is as
-        fast there. So the CPU runs the tasks one by one when there are several inner steps and their
-        gradients are differentiated, and batches them otherwise. CUDA always batches: one kernel launch
-        per operation instead of one per task, and one graph (cuda_graph.py). A `batching` other than
-        "auto" overrides the rule (tests and benchmark.py run both paths).
+        The rule, measured on this project's 2-core CPU (2 threads, quiet, the paths interleaved, median
+        of 5; benchmark.py prints both paths and marks the one picked here): seconds for the meta-loss
+        and its backward, or for finetunning, of the paper's meta-batch (32 tasks for 5-way, 16 for
+        20-way), batched / per task:
+
+            images per task      10 (5w1s)    20 (5w2s)    40 (20w1s)   50 (5w5s)   200 (20w5s)
+            1 inner step         0.26 / 0.43  0.47 / 0.54  0.45 / 0.37  1.68 / 0.89
+            5 inner steps                                  2.02 / 1.99  4.85 / 4.80  6.79 / 6.70
+            finetunning          0.16 / 0.34  0.30 / 0.43  0.61 / 0.53  1.29 / 0.79  3.98 / 1.85
+
+        So the CPU batches tasks of at most CPU_BATCHED_IMAGES images and runs larger ones one by one,
+        whatever the number of inner steps (with 5 steps the two tie here; another machine of the same
+        kind measured the loop 13-23% faster). CUDA always batches: one kernel launch per operation
+        instead of one per task, and one graph (cuda_graph.py). A `batching` other than "auto" overrides
+        the rule (tests and benchmark.py run both paths).
         """
         if self.batching != "auto":
             return self.batching
-        several_second_order_steps = self.update_step > 1 and not self.first_order
-        return "per task" if device.type == "cpu" and several_second_order_steps else "batched"
+        return "per task" if device.type == "cpu" and images_per_task > CPU_BATCHED_IMAGES else "batched"
 
     def support_loss(self, logits, labels):
         """Inner loss per task: Σ over the support examples of cross-entropy / K. [T, n, N], [T, n] -> [T]."""
@@ -140,7 +148,7 @@ class MetaLearner(nn.Module):
         the accuracies are the means over the tasks of each task's, the same numbers since every task
         has N*Q query examples.
         """
-        if self.path(x_spt.device) == "batched":
+        if self.path(x_spt.device, x_spt.shape[1] + x_qry.shape[1]) == "batched":
             return self.batch_meta_loss(x_spt, y_spt, x_qry, y_qry)
         losses, accs = zip(*(self.batch_meta_loss(*task) for task in one_by_one(x_spt, y_spt, x_qry, y_qry)))
         return torch.stack(losses).mean(), torch.stack(accs).mean(dim=0)
@@ -246,14 +254,23 @@ class MetaLearner(nn.Module):
         without a graph, since nothing differentiates through them. Returns a numpy array of
         update_step_test + 1 accuracies averaged over the tasks, or [T, update_step_test + 1] with
         per_task=True; index 0 is the accuracy before any inner step (chance, 1/N, before training).
+        The tasks run all at once or one by one, as `path` says.
         """
         if x_spt.dim() == 4:
             x_spt, y_spt, x_qry, y_qry = x_spt[None], y_spt[None], x_qry[None], y_qry[None]
+        if self.path(x_spt.device, x_spt.shape[1] + x_qry.shape[1]) == "batched":
+            accs = self.batch_finetunning(x_spt, y_spt, x_qry, y_qry)
+        else:
+            accs = torch.cat([self.batch_finetunning(*task) for task in one_by_one(x_spt, y_spt, x_qry, y_qry)])
+        accs = accs.cpu().numpy()  # [T, update_step_test + 1]
+        return accs if per_task else accs.mean(axis=0)
+
+    def batch_finetunning(self, x_spt, y_spt, x_qry, y_qry):
+        """finetunning's accuracies with all the tasks at once: [T, update_step_test + 1], on the device."""
         theta = [p.detach().requires_grad_() for p in self.net.parameters()]
         accs = []
         with torch.enable_grad():
             for fast_weights in self.adapt(x_spt, y_spt, self.update_step_test, theta, create_graph=False):
                 with torch.no_grad():
                     accs.append(accuracy_per_task(self.net(x_qry, fast_weights), y_qry))
-        accs = torch.stack(accs, dim=1).cpu().numpy()  # [T, update_step_test + 1]
-        return accs if per_task else accs.mean(axis=0)
+        return torch.stack(accs, dim=1)

@@ -111,25 +111,25 @@ def test_a_batch_of_another_shape_is_refused():
         step(*cuda_tasks(5, 31, tasks=3))
 
 
-@pytest.mark.parametrize("extra, meta_step", [((), "batched"),
-                                               (("--update-step", "2", "--no-cuda-graph"), "per task")])
-def test_a_run_records_how_it_computed(learnable_omniglot_npy, tmp_path, extra, meta_step):
-    """summary.json's segment says which path the meta-step took, and that the CPU runs no graph."""
+@pytest.mark.parametrize("extra, tasks", [((), "batched"), (("--k-spt", "5", "--no-cuda-graph"), "per task")])
+def test_a_run_records_how_it_computed(learnable_omniglot_npy, tmp_path, extra, tasks):
+    """summary.json's segment says how the tasks ran (5-way 1-shot batched, 5-shot one by one on the CPU) and
+    that the CPU runs no graph."""
     out = tmp_path / "out"
     argv = ["--data", str(learnable_omniglot_npy), "--out", str(out), "--device", "cpu", "--task-num", "2",
             "--iterations", "2", "--eval-every", "2", "--eval-tasks", "2", "--test-tasks", "2", *extra]
     assert maml_omniglot.main(argv) == 0
     [segment] = json.loads((out / "summary.json").read_text())["segments"]
-    assert segment["computation"] == {"meta_step": meta_step, "cuda_graph": False}
+    assert segment["computation"] == {"tasks": tasks, "cuda_graph": False}
     assert "cudnn" not in segment["device"]
 
 
 def test_a_change_of_computation_between_segments_is_named():
     """A resumed run that computes otherwise continues with other rounding: the note on resuming says so."""
     cpu = {"device": "cpu"}
-    before = run_files.new_segment(0, cpu, "python maml_omniglot.py", {"meta_step": "batched", "cuda_graph": False})
-    after = run_files.new_segment(5, cpu, "python maml_omniglot.py", {"meta_step": "per task", "cuda_graph": False})
-    assert run_files.describe_changes(before, after) == ["meta step batched -> per task"]
+    before = run_files.new_segment(0, cpu, "python maml_omniglot.py", {"tasks": "batched", "cuda_graph": False})
+    after = run_files.new_segment(5, cpu, "python maml_omniglot.py", {"tasks": "per task", "cuda_graph": False})
+    assert run_files.describe_changes(before, after) == ["tasks batched -> per task"]
     del before["computation"]  # a segment written before it was recorded
     assert run_files.describe_changes(before, after) == ["cuda graph not recorded -> False",
-                                                         "meta step not recorded -> per task"]
+                                                         "tasks not recorded -> per task"]

@@ -198,15 +198,45 @@ def test_a_non_finite_meta_gradient_is_never_stepped_into():
     assert meta_learner.meta_optim.state_dict()["state"] == {}  # Adam never stepped
 
 
-@pytest.mark.parametrize("update_step, first_order, on_the_cpu", [(1, False, "batched"), (2, False, "per task"),
-                                                                  (5, False, "per task"), (5, True, "batched")])
-def test_the_cpu_runs_tasks_one_by_one_only_for_several_second_order_steps(update_step, first_order, on_the_cpu):
-    meta_learner = MetaLearner(n_way=5, k_spt=1, update_lr=0.4, meta_lr=1e-3, update_step=update_step,
-                               update_step_test=3, first_order=first_order)
-    assert meta_learner.path(torch.device("cpu")) == on_the_cpu
-    assert meta_learner.path(torch.device("cuda")) == "batched"  # a device name needs no GPU
+@pytest.mark.parametrize("n_way, k_spt, k_qry, on_the_cpu", [(5, 1, 1, "batched"), (5, 2, 2, "batched"),
+                                                             (5, 3, 3, "per task"), (20, 1, 1, "per task"),
+                                                             (5, 1, 15, "per task")])
+def test_the_cpu_runs_tasks_of_more_than_20_images_one_by_one(n_way, k_spt, k_qry, on_the_cpu, monkeypatch):
+    """The rule (MetaLearner.path), and that meta_loss and finetunning follow it: per task, their batched
+    code runs once per task, on batches of one."""
+    meta_learner = MetaLearner(n_way=n_way, k_spt=k_spt, update_lr=0.4, meta_lr=1e-3, update_step=1,
+                               update_step_test=1)
+    images = n_way * (k_spt + k_qry)
+    assert meta_learner.path(torch.device("cpu"), images) == on_the_cpu
+    assert meta_learner.path(torch.device("cuda"), images) == "batched"  # a device name needs no GPU
+
+    batch_sizes = []  # the number of tasks each call of the batched code gets
+
+    def counted(code):
+        def call(self, *tasks):
+            batch_sizes.append(len(tasks[0]))
+            return code(self, *tasks)
+        return call
+
+    for name in ("batch_meta_loss", "batch_finetunning"):
+        monkeypatch.setattr(MetaLearner, name, counted(getattr(MetaLearner, name)))
+    tasks = random_tasks(3, n_way, k_spt, k_qry, torch.Generator().manual_seed(12))
+    meta_learner.meta_loss(*tasks)
+    meta_learner.finetunning(*tasks)
+    assert batch_sizes == ([3, 3] if on_the_cpu == "batched" else [1] * 6)
+
     meta_learner.batching = "per task"
-    assert meta_learner.path(torch.device("cpu")) == meta_learner.path(torch.device("cuda")) == "per task"
+    assert meta_learner.path(torch.device("cpu"), 10) == meta_learner.path(torch.device("cuda"), 10) == "per task"
+
+
+def test_finetunning_per_task_equals_batched():
+    torch.manual_seed(14)
+    meta_learner = MetaLearner(n_way=5, k_spt=1, update_lr=0.4, meta_lr=1e-3, update_step=1, update_step_test=3,
+                               batching="batched").double()
+    tasks = random_tasks(6, 5, 1, 3, torch.Generator().manual_seed(15), dtype=torch.float64)
+    batched = meta_learner.finetunning(*tasks, per_task=True)
+    meta_learner.batching = "per task"
+    np.testing.assert_allclose(meta_learner.finetunning(*tasks, per_task=True), batched, rtol=0, atol=1e-12)
 
 
 def test_batching_is_auto_batched_or_per_task():
