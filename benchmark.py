@@ -1,4 +1,4 @@
-"""How fast is a meta-iteration? The batched fast path of meta.py against the plain per-task loop.
+"""How fast is a meta-iteration? MetaLearner's two paths, its CUDA graph, and the plain per-task loop.
 
     python benchmark.py                                  # 5w1s as the paper trains it, on the best device
     python benchmark.py --setting 20w1s --protocol public --device cpu
@@ -11,13 +11,16 @@ so the numbers measure computation only, not data loading. Protocols:
     public  5 inner steps and 15 query drawings per class, the workload most public PyTorch MAML
             reproductions use, with the setting's meta-batch
 
-Printed: the median seconds per meta-iteration of the fast path (MetaLearner.forward, as the
-training loop runs it) and of the plain per-task loop (plain_maml.py), their ratio; the FLOPs of a
-meta-iteration (convolutions and matrix products, forward and all backward passes, query accuracy
-after every inner step included, as both paths compute it), counted by
-torch.utils.flop_counter on the reference loop, because its formula for a grouped convolution's
-backward counts the work once per group; the achieved GFLOP/s of each; the peak memory, and
-test tasks adapted per second by finetunning.
+Printed, as the median seconds per meta-iteration (the whole meta-step, Adam included) and the achieved
+GFLOP/s: MetaLearner.forward with the tasks batched and with the tasks one by one, the arrow marking the
+path that MetaLearner.path picks for this device and workload (the fast path); on CUDA also the
+batched path replayed as one CUDA graph (cuda_graph.py), which is what maml_omniglot.py trains with
+there; the plain per-task loop (plain_maml.py) and the fast path's speed-up over it; test tasks
+adapted per second by finetunning. The FLOPs of a meta-iteration (convolutions and matrix products,
+forward and all backward passes, query accuracy after every inner step included, as every path
+computes it) are counted by torch.utils.flop_counter on the reference loop, because its formula for a
+grouped convolution's backward counts the work once per group. Peak memory: on CUDA each row's own;
+on the CPU the process's largest resident size so far, so only the first row's is its own.
 """
 
 import resource
@@ -28,6 +31,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import plain_maml
+from cuda_graph import GraphedMetaStep
 from maml_omniglot import SETTINGS, Parser, resolve_device
 from meta import MetaLearner
 from omniglot_nshot import random_tasks
@@ -70,7 +74,7 @@ def main(argv=None):
     parser.add_argument("--first-order", action="store_true")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument("--repeats", type=int, default=5, help="timed meta-iterations per path (default 5)")
-    parser.add_argument("--skip-reference", action="store_true", help="time only the fast path")
+    parser.add_argument("--skip-reference", action="store_true", help="do not time the plain per-task loop")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
@@ -89,9 +93,16 @@ def main(argv=None):
     meta_learner = MetaLearner(n_way=n_way, k_spt=k_spt, update_lr=update_lr, meta_lr=1e-3, update_step=update_step,
                                update_step_test=setting["update_step_test"], first_order=args.first_order).to(device)
     batch = [t.to(device) for t in random_tasks(tasks, n_way, k_spt, k_qry, torch.Generator().manual_seed(0))]
+    images_per_task = n_way * (k_spt + k_qry)
+    fast_path = meta_learner.path(device, images_per_task)  # what the rule picks here (batching "auto")
 
-    def fast_step():
-        meta_learner(*batch)
+    def eager_step(batching):
+        def step():
+            meta_learner.batching = batching
+            meta_learner(*batch)
+        return step
+
+    graphed_step = GraphedMetaStep(meta_learner)
 
     def reference_step():
         meta_learner.meta_optim.zero_grad(set_to_none=True)
@@ -107,21 +118,30 @@ def main(argv=None):
     print(f"{args.setting}, {args.protocol} protocol: {tasks} tasks, {n_way}-way {k_spt}-shot, "
           f"{k_qry} query per class, {update_step} inner steps, "
           f"{'first' if args.first_order else 'second'} order, {device}{threads}, torch {torch.__version__}")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    fast_seconds = median_seconds(fast_step, device, args.repeats)
-    fast_memory = peak_memory_mib(device)
     work = flops_of(reference_step)
-    print(f"a meta-iteration is {work / 1e9:.1f} GFLOP")
-    print(f"fast path       {fast_seconds:8.3f} s/it  {work / fast_seconds / 1e9:6.1f} GFLOP/s  "
-          f"peak memory {fast_memory:,.0f} MiB")
+    print(f"a meta-iteration is {work / 1e9:.1f} GFLOP; the fast path on {device.type} for tasks of "
+          f"{images_per_task} images: {fast_path} (MetaLearner.path, for finetunning too)")
+
+    def report(name, step, note=""):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = median_seconds(step, device, args.repeats)
+        print(f"{name:<27} {seconds:8.4f} s/it  {work / seconds / 1e9:7.1f} GFLOP/s  "
+              f"peak memory {peak_memory_mib(device):,.0f} MiB{note}")
+        return seconds
+
+    seconds = {batching: report(f"meta-step, {batching}", eager_step(batching),
+                                "  <- fast path" if batching == fast_path else "")
+               for batching in ("batched", "per task")}
+    if device.type == "cuda":
+        meta_learner.batching = "auto"
+        report("meta-step, CUDA graph", graphed_step, "  <- maml_omniglot.py (the batched path, replayed)")
     if not args.skip_reference:
-        reference_seconds = median_seconds(reference_step, device, args.repeats)
-        print(f"reference loop  {reference_seconds:8.3f} s/it  {work / reference_seconds / 1e9:6.1f} GFLOP/s")
-        print(f"speed-up        {reference_seconds / fast_seconds:8.2f} x")
+        reference_seconds = report("reference loop", reference_step)
+        print(f"speed-up of the fast path over the loop: {reference_seconds / seconds[fast_path]:.2f} x")
     test_seconds = median_seconds(test_step, device, args.repeats)
-    print(f"finetunning     {tasks / test_seconds:8.1f} test tasks/s with {setting['update_step_test']} steps "
-          f"({600 * test_seconds / tasks:.1f} s for 600 tasks)")
+    print(f"finetunning {tasks / test_seconds:8.1f} test tasks/s with {setting['update_step_test']} steps "
+          f"({600 * test_seconds / tasks:.2f} s for 600 tasks)")
 
 
 if __name__ == "__main__":

@@ -141,7 +141,7 @@ def my_tasks(batch):
 
 def average_meta_step(parameters, loss, accs):
     """MetaLearner's `reduce`: the meta-gradient (the parameters' .grad), the loss (0-d tensor) and the query
-    accuracies (numpy [update_step + 1]) of this process's share of the tasks become the whole meta-batch's,
+    accuracies (a tensor [update_step + 1]) of this process's share of the tasks become the whole meta-batch's,
     the same on every process: their averages over the processes, in one all-reduce of one flat buffer."""
     grads = [p.grad for p in parameters]
     accs = torch.as_tensor(accs, device=loss.device)
@@ -151,7 +151,7 @@ def average_meta_step(parameters, loss, accs):
     *grad_parts, loss, accs = flat.split([g.numel() for g in grads] + [1, len(accs)])
     for grad, part in zip(grads, grad_parts):
         grad.copy_(part.view_as(grad))
-    return loss[0], accs.cpu().numpy()
+    return loss[0], accs
 
 
 def gather_tasks(per_task, what):

@@ -37,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 import distributed
+from cuda_graph import GraphedMetaStep
 from curves import curves_png
 from distributed import DistributedError
 from meta import MetaLearner, NonFiniteError
@@ -98,6 +99,8 @@ def build_parser():
     p.add_argument("--no-rotate", action="store_true", help="no random 90-degree rotations of the classes")
     p.add_argument("--seed", type=int, help="seed for the network, the tasks and all RNGs (0)")
     p.add_argument("--device", help="auto (CUDA when available), cpu, cuda or cuda:N (auto)")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="on CUDA, run every meta-step eagerly instead of replaying it as one CUDA graph")
     p.add_argument("--eval-every", type=int, help="validate and log training every N iterations (500)")
     p.add_argument("--eval-tasks", type=int, help="validation tasks per validation (320)")
     p.add_argument("--test-tasks", type=int, help="test tasks at the end, or with --evaluate (600)")
@@ -247,6 +250,17 @@ def make_meta_learner(cfg):
                        reduce=distributed.average_meta_step if distributed.launched() else None).to(cfg["device"])
 
 
+def computation(cfg, meta_learner, cuda_graph):
+    """How this process computes, as its segment in summary.json records it: the tasks batched or one by one
+    in the meta-step and finetunning (MetaLearner.path), and whether the meta-step is one CUDA graph (on
+    CUDA, unless --no-cuda-graph, and not under torchrun, whose all-reduce runs between the backward pass
+    and the Adam step). The training loop reads cuda_graph from here: it does what is recorded."""
+    device = torch.device(cfg["device"])
+    images_per_task = cfg["n_way"] * (cfg["k_spt"] + cfg["k_qry"])
+    return {"tasks": meta_learner.path(device, images_per_task),
+            "cuda_graph": cuda_graph and device.type == "cuda" and not distributed.launched()}
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -293,10 +307,11 @@ def evaluate_model(args, parser, command):
     for step, (a, c) in enumerate(zip(accs, ci95)):
         print(f"  {step} step{'s' * (step != 1)}: {100 * a:.2f} ± {100 * c:.2f} %")
     if args.out is not None:
-        where = new_segment(0, cfg, command)
+        where = new_segment(0, cfg, command, computation(cfg, meta_learner, cuda_graph=False))
         report = {"accs": [float(a) for a in accs], "ci95": [float(c) for c in ci95], "tasks": cfg["test_tasks"],
                   "split": split, "model": args.evaluate, "config": cfg,
-                  **{key: where[key] for key in ("command", "git", "device", "torch", "python", "started_utc")}}
+                  **{key: where[key] for key in ("command", "git", "device", "computation", "torch", "python",
+                                                 "started_utc")}}
         atomic_write(os.path.join(args.out, "evaluation.json"), (json.dumps(report, indent=2) + "\n").encode())
     return 0
 
@@ -357,6 +372,7 @@ def train(cfg, meta_learner, sampler, state, paths):
     val_row = last_row(state.log, "val")
     val_acc = val_row[f"acc_step{cfg['update_step_test']}"] if val_row else float("nan")
     ema = None
+    meta_step = GraphedMetaStep(meta_learner) if state.segments[-1]["computation"]["cuda_graph"] else meta_learner
     with StopRequested() as stop, tqdm(total=cfg["iterations"], initial=state.iteration, unit="it",
                                        dynamic_ncols=True, desc=f"{cfg['n_way']}-way {cfg['k_spt']}-shot",
                                        disable=not writer) as bar:
@@ -366,13 +382,13 @@ def train(cfg, meta_learner, sampler, state, paths):
                 write_log(paths["log"], state.log, cfg)
             checkpoint_and_maybe_stop(0, stop)
         for iteration in range(state.iteration + 1, cfg["iterations"] + 1):
-            # The meta-step (MetaLearner.forward): adapt every task on its support set, take the query
-            # loss of the adapted weights, backpropagate through the adaptation, one Adam step on θ.
-            # Under torchrun, on this process's share of the tasks, with the meta-gradients summed.
+            # The meta-step (MetaLearner.forward, or its CUDA graph): adapt every task on its support set, take
+            # the query loss of the adapted weights, backpropagate through the adaptation, one Adam step on θ.
+            # Under torchrun, on this process's share of the tasks, with the meta-gradients averaged.
             started = time.monotonic()
             x_spt, y_spt, x_qry, y_qry = distributed.my_tasks(sampler.next("train"))
             try:
-                loss, accs = meta_learner(x_spt, y_spt, x_qry, y_qry)
+                loss, accs = meta_step(x_spt, y_spt, x_qry, y_qry)
             except NonFiniteError as e:
                 raise NonFiniteError(f"{e} at iteration {iteration}") from None
             state.train_s += time.monotonic() - started
@@ -424,7 +440,7 @@ def read_resume_point(resume, cfg, paths, parser):
     return checkpoint
 
 
-def start_or_resume(cfg, checkpoint, command):
+def start_or_resume(cfg, checkpoint, command, cuda_graph):
     """The sampler, the meta-learner and the run's state: fresh from the seed, or as the checkpoint left them."""
     seed_everything(cfg["seed"])
     sampler = make_sampler(cfg)  # loads the data (and builds data/omniglot.npy first if it is missing)
@@ -439,7 +455,7 @@ def start_or_resume(cfg, checkpoint, command):
         if distributed.writer():
             print(f"resuming from {os.path.join(cfg['out'], FILES['checkpoint'])} at iteration {state.iteration}",
                   file=sys.stderr)
-    state.start_segment(new_segment(state.iteration, cfg, command))
+    state.start_segment(new_segment(state.iteration, cfg, command, computation(cfg, meta_learner, cuda_graph)))
     if len(state.segments) > 1 and distributed.writer():
         changes = describe_changes(state.segments[-2], state.segments[-1])
         if changes:
@@ -460,7 +476,7 @@ def finish(cfg, meta_learner, state, paths, test_accs, test_ci):
           + ", ".join(f"{100 * a:.2f}% ± {100 * c:.2f}" for a, c in zip(test_accs, test_ci)))
 
 
-def run(cfg, resume, command, parser):
+def run(cfg, resume, command, parser, cuda_graph):
     """The experiment: the output folder (checked), start or resume, train, test, report.
 
     Under torchrun only rank 0 touches the folder: it checks it, locks it, reads the checkpoint and sends
@@ -471,7 +487,7 @@ def run(cfg, resume, command, parser):
     checkpoint = read_resume_point(resume, cfg, paths, parser) if writer else None
     with FolderLock(cfg["out"], created) if writer else contextlib.nullcontext():  # one writer per folder
         checkpoint = distributed.from_rank_0(checkpoint, "the checkpoint")
-        sampler, meta_learner, state = start_or_resume(cfg, checkpoint, command)
+        sampler, meta_learner, state = start_or_resume(cfg, checkpoint, command, cuda_graph)
         train(cfg, meta_learner, sampler, state, paths)
         test_accs, test_ci = evaluate(meta_learner, sampler, "test", cfg["test_tasks"])
         if writer:
@@ -516,7 +532,7 @@ def main(argv=None):
         cfg = resolve_config(args, parser)
         checkpoint_path = os.path.join(cfg["out"], FILES["checkpoint"])
         distributed.join(cfg["device"])
-        code = run(cfg, args.resume, command, parser)
+        code = run(cfg, args.resume, command, parser, cuda_graph=not args.no_cuda_graph)
         distributed.leave()
         return code
     except FolderInUse as e:

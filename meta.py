@@ -28,6 +28,19 @@ learner.py), and one `autograd.grad` of the summed support losses gives every ta
 because task i's loss depends only on task i's fast weights. The same algorithm written task by task,
 with nothing batched, is plain_maml.py: read it first.
 
+Or one task after another. The batched path is not faster everywhere: on this project's 2-core CPU it
+is 1.5 to 1.7x faster than a per-task loop for 5-way 1-shot tasks, but up to 2x slower for larger
+tasks, where its grouped convolutions (and their double backward, which PyTorch runs group by group
+on copied slices) cost more than one task's plain convolutions (README, Speed). `MetaLearner.path` is
+the one rule that picks the path, for the meta-step and finetunning alike; the per-task path runs the
+same code on batches of one task, so both compute the same function, up to float32 rounding
+(tests/test_maml.py compares both with plain_maml.py and with each other).
+
+One meta-step without waiting for the device. `step_tensors` is the whole meta-step (zero the
+gradients, meta-loss, backward, finiteness check, Adam step) on tensors alone: no number is read on the
+host and no branch depends on one, so that cuda_graph.py can capture it as one CUDA graph and replay
+it. `forward` runs the same function eagerly and then reads its results.
+
 Shapes: T tasks (task_num), N classes (n_way), K support and Q query drawings per class (k_spt, k_qry).
 """
 
@@ -37,10 +50,23 @@ import torch.nn.functional as F
 
 from learner import BaseNet
 
+BATCHINGS = ("auto", "batched", "per task")  # MetaLearner's `batching`: "auto" lets MetaLearner.path decide
+CPU_BATCHED_IMAGES = 20  # on the CPU, tasks of at most this many images (support + query) run batched
+
 
 def accuracy_per_task(logits, labels):
     """Fraction of correct predictions per task: logits [T, n, N], labels [T, n] -> [T]."""
     return (logits.argmax(dim=-1) == labels).float().mean(dim=1)
+
+
+def one_by_one(*batch):
+    """The tasks of a batch as batches of one task: tensors [T, ...] -> T tuples of views [1, ...]."""
+    return zip(*(tensor.split(1) for tensor in batch))
+
+
+def all_finite(tensors):
+    """Whether every number in `tensors` is finite, as a bool tensor on their device (nothing is read)."""
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
 
 class NonFiniteError(ArithmeticError):
@@ -51,16 +77,43 @@ class MetaLearner(nn.Module):
     """Holds the meta-parameters θ (a BaseNet) and the Adam meta-optimizer."""
 
     def __init__(self, *, n_way, k_spt, update_lr, meta_lr, update_step, update_step_test, first_order=False,
-                 reduce=None):
+                 reduce=None, batching="auto"):
         super().__init__()
+        if batching not in BATCHINGS:
+            raise ValueError(f"batching must be one of {BATCHINGS}, got {batching!r}")
         self.reduce = reduce  # several processes: their shares of a meta-batch made one (distributed.py)
         self.k_spt = k_spt
         self.update_lr = update_lr
         self.update_step = update_step
         self.update_step_test = update_step_test
         self.first_order = first_order
+        self.batching = batching
         self.net = BaseNet(n_way)
         self.meta_optim = torch.optim.Adam(self.net.parameters(), lr=meta_lr)
+
+    def path(self, device, images_per_task):
+        """How a batch of tasks of `images_per_task` images each (N*K support + N*Q query) runs on `device`:
+        "batched" (all at once) or "per task" (one after another), for the meta-step and finetunning.
+
+        The rule, measured on this project's 2-core CPU (2 threads, quiet, the paths interleaved, median
+        of 5; benchmark.py prints both paths and marks the one picked here): seconds for the meta-loss
+        and its backward, or for finetunning, of the paper's meta-batch (32 tasks for 5-way, 16 for
+        20-way), batched / per task:
+
+            images per task      10 (5w1s)    20 (5w2s)    40 (20w1s)   50 (5w5s)   200 (20w5s)
+            1 inner step         0.26 / 0.43  0.47 / 0.54  0.45 / 0.37  1.68 / 0.89
+            5 inner steps                                  2.02 / 1.99  4.85 / 4.80  6.79 / 6.70
+            finetunning          0.16 / 0.34  0.30 / 0.43  0.61 / 0.53  1.29 / 0.79  3.98 / 1.85
+
+        So the CPU batches tasks of at most CPU_BATCHED_IMAGES images and runs larger ones one by one,
+        whatever the number of inner steps (with 5 steps the two tie here; another machine of the same
+        kind measured the loop 13-23% faster). CUDA always batches: one kernel launch per operation
+        instead of one per task, and one graph (cuda_graph.py). A `batching` other than "auto" overrides
+        the rule (tests and benchmark.py run both paths).
+        """
+        if self.batching != "auto":
+            return self.batching
+        return "per task" if device.type == "cpu" and images_per_task > CPU_BATCHED_IMAGES else "batched"
 
     def support_loss(self, logits, labels):
         """Inner loss per task: Σ over the support examples of cross-entropy / K. [T, n, N], [T, n] -> [T]."""
@@ -90,8 +143,19 @@ class MetaLearner(nn.Module):
         """Outer loss of a batch of tasks and the query accuracy after 0..update_step inner steps.
 
         x_spt [T, N*K, 1, 28, 28], y_spt [T, N*K], x_qry [T, N*Q, 1, 28, 28], y_qry [T, N*Q].
-        Returns (loss, accs): loss is the differentiable mean query cross-entropy after `update_step`
-        steps, averaged over tasks; accs a numpy array of update_step + 1 accuracies.
+        Returns (loss, accs), both on the tasks' device: loss is the differentiable mean query
+        cross-entropy after `update_step` steps, averaged over tasks; accs a tensor of update_step + 1
+        accuracies. The tasks run all at once or one by one, as `path` says; one by one, the loss and
+        the accuracies are the means over the tasks of each task's, the same numbers since every task
+        has N*Q query examples.
+        """
+        if self.path(x_spt.device, x_spt.shape[1] + x_qry.shape[1]) == "batched":
+            return self.batch_meta_loss(x_spt, y_spt, x_qry, y_qry)
+        losses, accs = zip(*(self.batch_meta_loss(*task) for task in one_by_one(x_spt, y_spt, x_qry, y_qry)))
+        return torch.stack(losses).mean(), torch.stack(accs).mean(dim=0)
+
+    def batch_meta_loss(self, x_spt, y_spt, x_qry, y_qry):
+        """meta_loss with all the tasks at once (see learner.py).
 
         Only the last step's query forward is needed for the loss; the accuracies before it are
         measured without building a graph.
@@ -108,32 +172,83 @@ class MetaLearner(nn.Module):
                 logits = self.net(x_qry, fast_weights)  # [T, N*Q, N]
                 loss = F.cross_entropy(logits.flatten(0, 1), y_qry.flatten())
                 accs.append(accuracy_per_task(logits.detach(), y_qry).mean())
-        return loss, torch.stack(accs).cpu().numpy()
+        return loss, torch.stack(accs)
+
+    def step_tensors(self, x_spt, y_spt, x_qry, y_qry):
+        """One meta-step, computed on the device without reading any number: what forward runs, and what
+        cuda_graph.py captures as one CUDA graph.
+
+        Returns (loss, accs, refused), tensors on the device: the meta-loss (detached) and the accuracies
+        of meta_loss, and `refused`, 0 when the Adam step was taken, 1 when the meta-gradient was not
+        finite, 2 when the step made θ non-finite (an overflow inside Adam). A refused step leaves θ and
+        Adam's state exactly as they were. When the tasks of a meta-batch are spread over several processes
+        (distributed.py), each passes its share, and `reduce(parameters, loss, accs)` turns its
+        meta-gradient (the parameters' .grad), loss and accuracies into the whole batch's before the
+        checks, so that every process takes the same step.
+
+        Why the step is taken and then undone rather than tested first: a test is a branch on a number
+        on the device, which a CUDA graph cannot contain (a replay launches the same kernels every
+        time), and which makes the host wait for the device. So Adam always steps, and every tensor it
+        changes (θ, its moments, its step counts) is then set to torch.where(taken, new value, copy
+        kept before the step). When taken, that is the new value bit for bit, so the numbers are those
+        of an unguarded step (tests/test_maml.py checks it); when refused, the old one bit for bit. The
+        copies are three passes over θ's 0.1 M numbers, nothing next to the meta-gradient. The host reads
+        `refused` afterwards (read_step) and raises. One exception, handled by forward: Adam creates its
+        state at its first step, so a refused first step leaves a new state behind, which forward drops.
+        """
+        self.match_adam_to_device()
+        self.meta_optim.zero_grad(set_to_none=True)
+        loss, accs = self.meta_loss(x_spt, y_spt, x_qry, y_qry)
+        loss.backward()
+        if self.reduce is not None:  # this process's share of a meta-batch: the whole batch's, from them all
+            loss, accs = self.reduce(list(self.net.parameters()), loss.detach(), accs)
+        theta = list(self.net.parameters())
+        gradient_finite = all_finite([p.grad for p in theta])
+        changed = theta + [t for p in theta for t in self.meta_optim.state.get(p, {}).values()]
+        with torch.no_grad():
+            kept = [t.clone() for t in changed]
+            self.meta_optim.step()
+            refused = torch.where(gradient_finite, torch.where(all_finite(theta), 0, 2), 1)
+            for tensor, before in zip(changed, kept):
+                tensor.copy_(torch.where(refused == 0, tensor, before))
+        return loss.detach(), accs, refused
+
+    def match_adam_to_device(self):
+        """Adam as the device wants it. On CUDA with capturable=True: its step counts live on the GPU and
+        its bias corrections are computed there, as a CUDA graph requires (and the eager path does the
+        same, so that both run one function). On the CPU with capturable=False, Adam's default: step
+        counts on the CPU, corrections in Python floats. A checkpoint from the other kind of device is
+        converted here; the change is a rounding difference at most."""
+        capturable = self.net.vars[0].device.type == "cuda"
+        for group in self.meta_optim.param_groups:
+            group["capturable"] = capturable
+        for p, state in self.meta_optim.state.items():
+            if "step" in state:
+                state["step"] = state["step"].to(p.device if capturable else "cpu")
+
+    def read_step(self, loss, accs, refused):
+        """The host's half of a meta-step (step_tensors, run or replayed): (loss as a float, accs as a numpy
+        array), or NonFiniteError for a refused step."""
+        refused = int(refused)  # the one wait for the device
+        if refused == 1:
+            raise NonFiniteError(f"the meta-gradient is not finite (meta-loss {loss.item()})")
+        if refused == 2:
+            raise NonFiniteError("the Adam step made the meta-parameters non-finite (the step was undone)")
+        return loss.item(), accs.cpu().numpy()
 
     def forward(self, x_spt, y_spt, x_qry, y_qry):
         """One meta-step on a batch of tasks: adapt, meta-loss, backward through the adaptation, Adam step.
 
-        Returns (loss, accs) as meta_loss does, the loss as a float. Raises NonFiniteError if the
-        meta-gradient is not finite (before the step: θ and Adam's state are untouched) or if the step
-        made θ non-finite (an overflow inside Adam); the caller stops without saving, so the last
-        checkpoint, written after a step that passed both checks, holds finite weights.
-
-        When the tasks of a meta-batch are spread over several processes, each passes its share, and
-        `reduce(parameters, loss, accs)` turns its meta-gradient (the parameters' .grad), loss and
-        accuracies into the whole batch's before the checks, so that every process takes the same step.
+        Returns (loss, accs) as meta_loss does, the loss as a float and accs as a numpy array. Raises
+        NonFiniteError if the meta-gradient is not finite or if the step would make θ non-finite (an
+        overflow inside Adam); either way θ and Adam's state are left as they were before the step
+        (step_tensors), and the caller stops without saving, so the last checkpoint holds finite weights.
         """
-        self.meta_optim.zero_grad(set_to_none=True)
-        loss, accs = self.meta_loss(x_spt, y_spt, x_qry, y_qry)
-        loss.backward()
-        if self.reduce is not None:
-            loss, accs = self.reduce(list(self.net.parameters()), loss.detach(), accs)
-        grads = [p.grad for p in self.net.parameters()]
-        if not all(torch.isfinite(g).all() for g in grads):
-            raise NonFiniteError(f"the meta-gradient is not finite (meta-loss {loss.item()})")
-        self.meta_optim.step()
-        if not all(torch.isfinite(p).all() for p in self.net.parameters()):
-            raise NonFiniteError("the Adam step made the meta-parameters non-finite")
-        return loss.item(), accs
+        adam_started = bool(self.meta_optim.state)
+        loss, accs, refused = self.step_tensors(x_spt, y_spt, x_qry, y_qry)
+        if not adam_started and int(refused):
+            self.meta_optim.state.clear()  # the state Adam created at a refused first step: it had none before
+        return self.read_step(loss, accs, refused)
 
     def finetunning(self, x_spt, y_spt, x_qry, y_qry, per_task=False):
         """Adapt to test tasks for `update_step_test` steps and measure the query accuracy at each step.
@@ -145,14 +260,23 @@ class MetaLearner(nn.Module):
         without a graph, since nothing differentiates through them. Returns a numpy array of
         update_step_test + 1 accuracies averaged over the tasks, or [T, update_step_test + 1] with
         per_task=True; index 0 is the accuracy before any inner step (chance, 1/N, before training).
+        The tasks run all at once or one by one, as `path` says.
         """
         if x_spt.dim() == 4:
             x_spt, y_spt, x_qry, y_qry = x_spt[None], y_spt[None], x_qry[None], y_qry[None]
+        if self.path(x_spt.device, x_spt.shape[1] + x_qry.shape[1]) == "batched":
+            accs = self.batch_finetunning(x_spt, y_spt, x_qry, y_qry)
+        else:
+            accs = torch.cat([self.batch_finetunning(*task) for task in one_by_one(x_spt, y_spt, x_qry, y_qry)])
+        accs = accs.cpu().numpy()  # [T, update_step_test + 1]
+        return accs if per_task else accs.mean(axis=0)
+
+    def batch_finetunning(self, x_spt, y_spt, x_qry, y_qry):
+        """finetunning's accuracies with all the tasks at once: [T, update_step_test + 1], on the device."""
         theta = [p.detach().requires_grad_() for p in self.net.parameters()]
         accs = []
         with torch.enable_grad():
             for fast_weights in self.adapt(x_spt, y_spt, self.update_step_test, theta, create_graph=False):
                 with torch.no_grad():
                     accs.append(accuracy_per_task(self.net(x_qry, fast_weights), y_qry))
-        accs = torch.stack(accs, dim=1).cpu().numpy()  # [T, update_step_test + 1]
-        return accs if per_task else accs.mean(axis=0)
+        return torch.stack(accs, dim=1)

@@ -21,9 +21,10 @@ A run's folder (--out, runs/<setting>/ by default) holds:
                  last validation, the test accuracies with 95% intervals (once finished), the config,
                  seed, command, git commit, versions, device, wall time, meta-iterations per second, and
                  one entry per segment (a process, or torchrun's processes, that started or resumed the
-                 run) with its own iterations, command, commit, device, processes and wall time. Rewritten
-                 at every checkpoint, so an unfinished run always has an up-to-date record of where it
-                 is and what produced it.
+                 run) with its own iterations, command, commit, device, processes, computation (the tasks
+                 batched or one by one, a CUDA graph or not) and wall time. Rewritten at every
+                 checkpoint, so an unfinished run always has an up-to-date record of where it is and what
+                 produced it.
                  A folder whose summary says "finished" is never written into again.
   curves.png     drawn from log.csv by curves.py.
   checkpoint.pt  everything needed to continue the run exactly (CHECKPOINT_KEYS below), written every
@@ -261,34 +262,47 @@ def device_description(device):
     return platform.processor() or platform.machine()
 
 
-def new_segment(iteration, cfg, command):
+def new_segment(iteration, cfg, command, computation):
     """The record of one process that runs part of the run, from `iteration` on: what ran, where, when.
 
     A run resumed across machines, thread counts, numbers of processes or commits is still one run, but it
     was not produced by one command at one commit; its summary.json lists every segment, so that nothing is
     hidden. Under torchrun, device is rank 0's, and processes and backend say how many shared the work and how
-    they talked (distributed.py); without it they are 1 and null.
+    they talked (distributed.py); without it they are 1 and null. computation says how the process computes
+    (maml_omniglot.py's computation(): the tasks batched or one by one, the meta-step as a CUDA graph or
+    not). On CUDA the device also records the cuDNN version and whether convolutions (cuDNN) and matrix
+    products may round their inputs to TF32, which changes the numbers.
     """
     joined = dist.is_available() and dist.is_initialized()
+    device = {"type": torch.device(cfg["device"]).type, "name": device_description(cfg["device"]),
+              "cpu_threads": torch.get_num_threads(), "processes": dist.get_world_size() if joined else 1,
+              "backend": dist.get_backend() if joined else None}
+    if device["type"] == "cuda":
+        device.update(cudnn=torch.backends.cudnn.version(), tf32_cudnn=torch.backends.cudnn.allow_tf32,
+                      tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
     return {"from_iteration": iteration, "to_iteration": iteration, "command": command, "git": git_info(),
-            "device": {"type": torch.device(cfg["device"]).type, "name": device_description(cfg["device"]),
-                       "cpu_threads": torch.get_num_threads(), "processes": dist.get_world_size() if joined else 1,
-                       "backend": dist.get_backend() if joined else None},
-            "torch": torch.__version__, "python": platform.python_version(),
-            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_time_s": 0.0}
+            "device": device, "computation": computation, "torch": torch.__version__,
+            "python": platform.python_version(), "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "wall_time_s": 0.0}
 
 
 def describe_changes(previous, current):
-    """What differs between two segments in ways that change floating-point rounding (or the code)."""
+    """What differs between two segments in ways that change floating-point rounding (or the code).
+    Segments written before computation was recorded lack it: that shows as "not recorded"."""
     changes = []
     if previous["git"]["commit"] != current["git"]["commit"]:
         changes.append(f"commit {str(previous['git']['commit'])[:10]} -> {str(current['git']['commit'])[:10]}")
-    for key in ("name", "cpu_threads"):
-        if previous["device"][key] != current["device"][key]:
-            changes.append(f"{key.replace('_', ' ')} {previous['device'][key]} -> {current['device'][key]}")
+    for key in ("name", "cpu_threads", "cudnn", "tf32_cudnn", "tf32_matmul"):
+        if previous["device"].get(key) != current["device"].get(key):
+            changes.append(f"{key.replace('_', ' ')} {previous['device'].get(key)} -> {current['device'].get(key)}")
     processes = [segment["device"].get("processes", 1) for segment in (previous, current)]  # older segments: 1
     if processes[0] != processes[1]:
         changes.append(f"processes {processes[0]} -> {processes[1]}")
+    before, now = previous.get("computation") or {}, current.get("computation") or {}
+    for key in sorted(before.keys() | now.keys()):
+        if before.get(key) != now.get(key):
+            changes.append(f"{key.replace('_', ' ')} {before.get(key, 'not recorded')} -> "
+                           f"{now.get(key, 'not recorded')}")
     if previous["torch"] != current["torch"]:
         changes.append(f"torch {previous['torch']} -> {current['torch']}")
     return changes

@@ -1,5 +1,8 @@
 """BaseNet and MetaLearner: shapes, exact second-order gradients, the first-order option, the
-inner-loss scaling, finetunning's promises, and real learning on Omniglot."""
+inner-loss scaling, the two paths through a batch of tasks and the rule that picks one, finetunning's
+promises, the meta-step as one function (step_tensors) with its refusals, and real learning on Omniglot."""
+
+import copy
 
 import numpy as np
 import pytest
@@ -53,11 +56,12 @@ def test_batch_norm_is_transductive_and_per_task():
     assert list(net.buffers()) == []
 
 
+@pytest.mark.parametrize("batching", ["batched", "per task"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n_way, update_lr, update_step", [(5, 0.4, 3), (20, 0.1, 2)])  # the paper's inner rates
 @pytest.mark.parametrize("first_order", [False, True])
-def test_fast_path_matches_the_per_task_loop(n_way, update_lr, update_step, first_order, dtype):
-    """Loss, per-step accuracies and meta-gradient of the batched path equal the plain loop's.
+def test_fast_path_matches_the_per_task_loop(n_way, update_lr, update_step, first_order, dtype, batching):
+    """Loss, per-step accuracies and meta-gradient of both of MetaLearner's paths equal the plain loop's.
 
     float64 shows that the two compute the same function (to 1e-10). float32 is held to rtol 1e-4 on a
     small problem: on large ones a pre-activation within rounding of zero can fall on the other side of
@@ -66,7 +70,7 @@ def test_fast_path_matches_the_per_task_loop(n_way, update_lr, update_step, firs
     """
     torch.manual_seed(1)
     meta_learner = MetaLearner(n_way=n_way, k_spt=1, update_lr=update_lr, meta_lr=1e-3, update_step=update_step,
-                               update_step_test=3, first_order=first_order).to(dtype)
+                               update_step_test=3, first_order=first_order, batching=batching).to(dtype)
     tasks = random_tasks(2, n_way, 1, 1, torch.Generator().manual_seed(2), dtype=dtype)
     theta = list(meta_learner.net.parameters())
     rtol = 1e-4 if dtype == torch.float32 else 1e-10
@@ -78,7 +82,7 @@ def test_fast_path_matches_the_per_task_loop(n_way, update_lr, update_step, firs
     expected_grads = torch.autograd.grad(expected_loss, theta)
 
     torch.testing.assert_close(loss, expected_loss, rtol=rtol, atol=0)
-    np.testing.assert_allclose(accs, expected_accs, rtol=1e-6)
+    np.testing.assert_allclose(accs.numpy(), expected_accs, rtol=1e-6)
     for name, grad, expected in zip(meta_learner.net.param_names, grads, expected_grads):
         assert torch.linalg.norm(grad - expected) <= rtol * torch.linalg.norm(expected), name
 
@@ -193,6 +197,143 @@ def test_a_non_finite_meta_gradient_is_never_stepped_into():
     assert all(torch.equal(p, b) for p, b in zip(meta_learner.net.parameters(), before))
     assert meta_learner.meta_optim.state_dict()["state"] == {}  # Adam never stepped
 
+
+@pytest.mark.parametrize("n_way, k_spt, k_qry, on_the_cpu", [(5, 1, 1, "batched"), (5, 2, 2, "batched"),
+                                                             (5, 3, 3, "per task"), (20, 1, 1, "per task"),
+                                                             (5, 1, 15, "per task")])
+def test_the_cpu_runs_tasks_of_more_than_20_images_one_by_one(n_way, k_spt, k_qry, on_the_cpu, monkeypatch):
+    """The rule (MetaLearner.path), and that meta_loss and finetunning follow it: per task, their batched
+    code runs once per task, on batches of one."""
+    meta_learner = MetaLearner(n_way=n_way, k_spt=k_spt, update_lr=0.4, meta_lr=1e-3, update_step=1,
+                               update_step_test=1)
+    images = n_way * (k_spt + k_qry)
+    assert meta_learner.path(torch.device("cpu"), images) == on_the_cpu
+    assert meta_learner.path(torch.device("cuda"), images) == "batched"  # a device name needs no GPU
+
+    batch_sizes = []  # the number of tasks each call of the batched code gets
+
+    def counted(code):
+        def call(self, *tasks):
+            batch_sizes.append(len(tasks[0]))
+            return code(self, *tasks)
+        return call
+
+    for name in ("batch_meta_loss", "batch_finetunning"):
+        monkeypatch.setattr(MetaLearner, name, counted(getattr(MetaLearner, name)))
+    tasks = random_tasks(3, n_way, k_spt, k_qry, torch.Generator().manual_seed(12))
+    meta_learner.meta_loss(*tasks)
+    meta_learner.finetunning(*tasks)
+    assert batch_sizes == ([3, 3] if on_the_cpu == "batched" else [1] * 6)
+
+    meta_learner.batching = "per task"
+    assert meta_learner.path(torch.device("cpu"), 10) == meta_learner.path(torch.device("cuda"), 10) == "per task"
+
+
+def test_finetunning_per_task_equals_batched():
+    torch.manual_seed(14)
+    meta_learner = MetaLearner(n_way=5, k_spt=1, update_lr=0.4, meta_lr=1e-3, update_step=1, update_step_test=3,
+                               batching="batched").double()
+    tasks = random_tasks(6, 5, 1, 3, torch.Generator().manual_seed(15), dtype=torch.float64)
+    batched = meta_learner.finetunning(*tasks, per_task=True)
+    meta_learner.batching = "per task"
+    np.testing.assert_allclose(meta_learner.finetunning(*tasks, per_task=True), batched, rtol=0, atol=1e-12)
+
+
+def test_batching_is_auto_batched_or_per_task():
+    with pytest.raises(ValueError, match="batching must be one of"):
+        MetaLearner(n_way=5, k_spt=1, update_lr=0.4, meta_lr=1e-3, update_step=1, update_step_test=1, batching="x")
+
+
+def learner_and_copies(copies, **kwargs):
+    """A small MetaLearner and `copies` deep copies of it: equal θ, equal Adam, independent."""
+    torch.manual_seed(11)
+    settings = dict(n_way=5, k_spt=1, update_lr=0.4, meta_lr=1e-3, update_step=2, update_step_test=2)
+    meta_learner = MetaLearner(**dict(settings, **kwargs))
+    return [meta_learner] + [copy.deepcopy(meta_learner) for _ in range(copies)]
+
+
+def tensors_of(meta_learner):
+    """θ and Adam's state, copied: everything a meta-step changes and the next one reads."""
+    theta = list(meta_learner.net.parameters())
+    state = meta_learner.meta_optim.state
+    return [t.detach().clone() for p in theta for t in [p, *state.get(p, {}).values()]]
+
+
+def all_equal(tensors, others):
+    return len(tensors) == len(others) and all(torch.equal(t, o) for t, o in zip(tensors, others))
+
+
+@pytest.mark.parametrize("batching", ["batched", "per task"])
+def test_step_tensors_is_the_unguarded_meta_step_bit_for_bit(batching):
+    """step_tensors, the meta-step that forward runs and cuda_graph.py captures, against the meta-step written
+    plainly (zero the gradients, meta_loss, backward, Adam step): over three steps the loss, the accuracies, θ,
+    its gradients and Adam's state agree to the last bit, so the guard against non-finite steps changes no
+    number, and forward returns the same numbers."""
+    guarded, plain, forwarded = learner_and_copies(2, batching=batching)
+    for seed in range(3):
+        tasks = random_tasks(3, 5, 1, 2, torch.Generator().manual_seed(20 + seed))
+        loss, accs, refused = guarded.step_tensors(*tasks)
+        plain.meta_optim.zero_grad(set_to_none=True)
+        expected_loss, expected_accs = plain.meta_loss(*tasks)
+        expected_loss.backward()
+        plain.meta_optim.step()
+        forward_loss, forward_accs = forwarded(*tasks)
+
+        assert refused.item() == 0
+        assert torch.equal(loss, expected_loss.detach()) and torch.equal(accs, expected_accs)
+        assert forward_loss == expected_loss.item() and np.array_equal(forward_accs, expected_accs.numpy())
+        assert all_equal(tensors_of(guarded), tensors_of(plain))
+        assert all_equal(tensors_of(forwarded), tensors_of(plain))
+        assert all(torch.equal(p.grad, q.grad) for p, q in zip(guarded.net.parameters(), plain.net.parameters()))
+
+
+def test_a_refused_step_leaves_theta_and_adam_state_as_they_were():
+    """Once Adam has a state: a non-finite meta-gradient (refused 1) and an Adam step that makes θ non-finite (an
+    infinite meta learning rate: refused 2) are undone inside step_tensors, without a branch, to the last bit of θ,
+    Adam's moments and its step counts; forward names the reason. A refused first step leaves no Adam state."""
+    meta_learner, = learner_and_copies(0)
+    tasks = random_tasks(3, 5, 1, 2, torch.Generator().manual_seed(30))
+    meta_learner(*tasks)
+    before = tensors_of(meta_learner)
+
+    meta_learner.update_lr = 1e15
+    assert meta_learner.step_tensors(*tasks)[2].item() == 1
+    assert all_equal(tensors_of(meta_learner), before)
+    with pytest.raises(NonFiniteError, match="the meta-gradient is not finite"):
+        meta_learner(*tasks)
+    assert all_equal(tensors_of(meta_learner), before)
+
+    meta_learner.update_lr = 0.4
+    meta_learner.meta_optim.param_groups[0]["lr"] = float("inf")
+    assert meta_learner.step_tensors(*tasks)[2].item() == 2
+    assert all_equal(tensors_of(meta_learner), before)
+    with pytest.raises(NonFiniteError, match="the Adam step made the meta-parameters non-finite"):
+        meta_learner(*tasks)
+    assert all_equal(tensors_of(meta_learner), before)
+
+    fresh, = learner_and_copies(0, meta_lr=float("inf"))
+    before = tensors_of(fresh)
+    with pytest.raises(NonFiniteError, match="the Adam step made the meta-parameters non-finite"):
+        fresh(*tasks)
+    assert all_equal(tensors_of(fresh), before) and fresh.meta_optim.state_dict()["state"] == {}
+
+
+def test_an_adam_state_saved_on_cuda_continues_on_the_cpu():
+    """On CUDA Adam runs with capturable=True, which a checkpoint keeps and which Adam refuses on the CPU: the
+    learner turns it back into the CPU's Adam, and the steps are those of a state saved on the CPU."""
+    meta_learner, from_cuda = learner_and_copies(1)
+    first, second = (random_tasks(3, 5, 1, 2, torch.Generator().manual_seed(seed)) for seed in (40, 41))
+    meta_learner(*first)
+    state = meta_learner.meta_optim.state_dict()
+    saved_on_cuda = copy.deepcopy(state)
+    for group in saved_on_cuda["param_groups"]:
+        group["capturable"] = True
+    from_cuda.net.load_state_dict(meta_learner.net.state_dict())
+    from_cuda.meta_optim.load_state_dict(saved_on_cuda)
+    (loss, accs), (expected_loss, expected_accs) = from_cuda(*second), meta_learner(*second)
+    assert loss == expected_loss and np.array_equal(accs, expected_accs)
+    assert all_equal(tensors_of(from_cuda), tensors_of(meta_learner))
+    assert not from_cuda.meta_optim.param_groups[0]["capturable"]
 
 
 def test_unadapted_accuracy_at_initialisation_is_chance(real_omniglot_npy):
