@@ -9,6 +9,9 @@ to pytest's tmp_path.
 
 import io
 import os
+import re
+import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -39,6 +42,37 @@ def log_rows(out, drop=("elapsed_s",)):
     column (wall-clock time) that cannot repeat between runs."""
     return [{k: v for k, v in row.items() if k not in drop}
             for row in run_files.read_log(os.path.join(out, "log.csv"))]
+
+
+class RunningProcess:
+    """A running maml_omniglot.py whose stderr is read in the background, to watch its progress bar
+    (the last "<done>/<iterations> [" it printed)."""
+
+    def __init__(self, argv, env, iterations):
+        self.iterations = iterations
+        self.popen = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.stderr = b""
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        while chunk := os.read(self.popen.stderr.fileno(), 4096):
+            self.stderr += chunk
+
+    def progress(self):
+        done = re.findall(rb"(\d+)/%d \[" % self.iterations, self.stderr)
+        return int(done[-1]) if done else -1
+
+    def wait_for(self, iteration, timeout=120):
+        deadline = time.monotonic() + timeout
+        while self.progress() < iteration and self.popen.poll() is None:
+            assert time.monotonic() < deadline, "the run made no progress"
+            time.sleep(0.01)
+
+    def finish(self):
+        self.popen.wait(timeout=120)
+        self.reader.join(timeout=10)
+        return self.popen.returncode, self.stderr.decode(errors="replace")
 
 
 def require_real_zips():

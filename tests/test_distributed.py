@@ -12,14 +12,11 @@ never start a second process run in this process, with torchrun's environment se
 import datetime
 import json
 import os
-import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 
 import pytest
 import torch
@@ -28,7 +25,7 @@ import torch.multiprocessing
 import distributed
 import maml_omniglot
 import run_files
-from conftest import log_rows
+from conftest import RunningProcess, log_rows
 from meta import MetaLearner
 from omniglot_nshot import random_tasks
 
@@ -146,42 +143,17 @@ def test_a_two_process_run_logs_what_one_process_logs_up_to_rounding(two_process
     assert summary["status"] == "finished" and summary["config"]["task_num"] == 2
 
 
-class Process:
-    """One process of a two-process run, started the way torchrun starts it; its stderr read in the background."""
-
-    def __init__(self, rank, port, argv):
-        self.popen = subprocess.Popen([sys.executable, os.path.join(REPO, "maml_omniglot.py"), *argv], cwd=REPO,
-                                      env=dict(os.environ, OMP_NUM_THREADS="1", **torchrun_environment(rank, port)),
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.stderr = b""
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self):
-        while chunk := os.read(self.popen.stderr.fileno(), 4096):
-            self.stderr += chunk
-
-    def progress(self):
-        done = re.findall(rb"(\d+)/%d \[" % ITERATIONS, self.stderr)  # rank 0's progress bar
-        return int(done[-1]) if done else -1
-
-    def wait_for(self, iteration, timeout=120):
-        deadline = time.monotonic() + timeout
-        while self.progress() < iteration and self.popen.poll() is None:
-            assert time.monotonic() < deadline, "the run made no progress"
-            time.sleep(0.01)
-
-    def finish(self):
-        self.popen.wait(timeout=120)
-        self.reader.join(timeout=10)
-        return self.popen.returncode, self.stderr.decode(errors="replace")
+def start_rank(rank, port, argv):
+    """One process of a two-process run, started the way torchrun starts it; rank 0's progress bar is watched."""
+    return RunningProcess([sys.executable, os.path.join(REPO, "maml_omniglot.py"), *argv],
+                          dict(os.environ, OMP_NUM_THREADS="1", **torchrun_environment(rank, port)), ITERATIONS)
 
 
 def test_killing_one_process_stops_the_other_in_one_line_and_the_run_resumes_bit_for_bit(
         two_process_run, learnable_omniglot_npy, tmp_path, capsys):
     out = tmp_path / "out"
     port = free_port()
-    rank_0, rank_1 = (Process(rank, port, tiny_args(learnable_omniglot_npy, out)) for rank in range(2))
+    rank_0, rank_1 = (start_rank(rank, port, tiny_args(learnable_omniglot_npy, out)) for rank in range(2))
     rank_0.wait_for(5)
     rank_1.popen.send_signal(signal.SIGKILL)
     code, err = rank_0.finish()
@@ -210,7 +182,7 @@ def test_killing_one_process_stops_the_other_in_one_line_and_the_run_resumes_bit
 
     # With the same number, bit for bit the uninterrupted run.
     port = free_port()
-    resumed = [Process(rank, port, tiny_args(learnable_omniglot_npy, out, "--resume")) for rank in range(2)]
+    resumed = [start_rank(rank, port, tiny_args(learnable_omniglot_npy, out, "--resume")) for rank in range(2)]
     for process in resumed:
         code, err = process.finish()
         assert code == 0, err

@@ -9,17 +9,14 @@ iteration its checkpoint held when the process died (pytest -s shows it).
 import json
 import os
 import random
-import re
 import signal
-import subprocess
 import sys
-import threading
 import time
 
 import pytest
 import torch
 
-from conftest import log_rows
+from conftest import RunningProcess, log_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITERATIONS = 24
@@ -41,46 +38,20 @@ def checkpoint_iteration(out):
     return torch.load(path, weights_only=False)["run"]["iteration"] if os.path.exists(path) else None
 
 
-class Process:
-    """A running maml_omniglot.py whose stderr is read in the background, to watch its progress bar."""
-
-    def __init__(self, argv):
-        self.popen = subprocess.Popen(argv, cwd=REPO, env=environment(), stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE)
-        self.stderr = b""
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self):
-        while chunk := os.read(self.popen.stderr.fileno(), 4096):
-            self.stderr += chunk
-
-    def progress(self):
-        done = re.findall(rb"(\d+)/%d \[" % ITERATIONS, self.stderr)
-        return int(done[-1]) if done else -1
-
-    def wait_for(self, iteration, timeout=120):
-        deadline = time.monotonic() + timeout
-        while self.progress() < iteration and self.popen.poll() is None:
-            assert time.monotonic() < deadline, "the run made no progress"
-            time.sleep(0.01)
-
-    def finish(self):
-        self.popen.wait(timeout=120)
-        self.reader.join(timeout=10)
-        return self.popen.returncode, self.stderr.decode(errors="replace")
+def start(argv):
+    return RunningProcess(argv, environment(), ITERATIONS)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(learnable_omniglot_npy, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted") / "out"
-    code, err = Process(command(learnable_omniglot_npy, out)).finish()
+    code, err = start(command(learnable_omniglot_npy, out)).finish()
     assert code == 0, err
     return log_rows(out)
 
 
 def resume_and_compare(data, out, expected):
-    code, err = Process(command(data, out, "--resume")).finish()
+    code, err = start(command(data, out, "--resume")).finish()
     assert code == 0, err
     assert log_rows(out) == expected
     # summary.json's segments cover the run without gap or overlap: each resumed where the last checkpoint was
@@ -99,7 +70,7 @@ KILL_POINTS = ["start-up", 5, "random", ITERATIONS]
 @pytest.mark.parametrize("kill_at", KILL_POINTS)
 def test_sigkill_then_resume_gives_the_uninterrupted_log(kill_at, uninterrupted, learnable_omniglot_npy, tmp_path):
     out = tmp_path / "out"
-    process = Process(command(learnable_omniglot_npy, out))
+    process = start(command(learnable_omniglot_npy, out))
     if kill_at == "start-up":
         time.sleep(0.3)
     else:
@@ -115,7 +86,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_log(kill_at, uninterrupted,
 
 def test_sigterm_checkpoints_the_current_iteration_and_exits(uninterrupted, learnable_omniglot_npy, tmp_path):
     out = tmp_path / "out"
-    process = Process(command(learnable_omniglot_npy, out))
+    process = start(command(learnable_omniglot_npy, out))
     process.wait_for(8)
     process.popen.send_signal(signal.SIGTERM)
     code, err = process.finish()
