@@ -238,16 +238,20 @@ def evaluate(meta_learner, sampler, split, n_tasks):
     return per_task.mean(axis=0), 1.96 * per_task.std(axis=0) / math.sqrt(n_tasks)
 
 
-def make_sampler(cfg):
-    return OmniglotNShot(path=cfg["data"], task_num=cfg["task_num"], n_way=cfg["n_way"], k_spt=cfg["k_spt"],
-                         k_qry=cfg["k_qry"], device=cfg["device"], seed=cfg["seed"], rotate=cfg["rotate"])
-
-
-def make_meta_learner(cfg):
-    return MetaLearner(n_way=cfg["n_way"], k_spt=cfg["k_spt"], update_lr=cfg["update_lr"], meta_lr=cfg["meta_lr"],
-                       update_step=cfg["update_step"], update_step_test=cfg["update_step_test"],
-                       first_order=cfg["first_order"],
-                       reduce=distributed.average_meta_step if distributed.launched() else None).to(cfg["device"])
+def sampler_and_meta_learner(cfg):
+    """The run's sampler and meta-learner, built from its config after every RNG is seeded (in this order:
+    the network's initial weights are drawn from the seeded torch RNG). The sampler loads the data, and
+    builds data/omniglot.npy first if it is missing."""
+    random.seed(cfg["seed"])
+    np.random.seed(cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    sampler = OmniglotNShot(path=cfg["data"], task_num=cfg["task_num"], n_way=cfg["n_way"], k_spt=cfg["k_spt"],
+                            k_qry=cfg["k_qry"], device=cfg["device"], seed=cfg["seed"], rotate=cfg["rotate"])
+    meta_learner = MetaLearner(
+        n_way=cfg["n_way"], k_spt=cfg["k_spt"], update_lr=cfg["update_lr"], meta_lr=cfg["meta_lr"],
+        update_step=cfg["update_step"], update_step_test=cfg["update_step_test"], first_order=cfg["first_order"],
+        reduce=distributed.average_meta_step if distributed.launched() else None).to(cfg["device"])
+    return sampler, meta_learner
 
 
 def computation(cfg, meta_learner, cuda_graph):
@@ -259,12 +263,6 @@ def computation(cfg, meta_learner, cuda_graph):
     images_per_task = cfg["n_way"] * (cfg["k_spt"] + cfg["k_qry"])
     return {"tasks": meta_learner.path(device, images_per_task),
             "cuda_graph": cuda_graph and device.type == "cuda" and not distributed.launched()}
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def evaluate_model(args, parser, command):
@@ -296,9 +294,7 @@ def evaluate_model(args, parser, command):
     if args.out is not None:
         check_output_folder(args.out, resume=True, parser=parser)
 
-    seed_everything(cfg["seed"])
-    sampler = make_sampler(cfg)
-    meta_learner = make_meta_learner(cfg)
+    sampler, meta_learner = sampler_and_meta_learner(cfg)
     meta_learner.net.load_state_dict(model["state_dict"])
     accs, ci95 = evaluate(meta_learner, sampler, split, cfg["test_tasks"])
     print(f"{args.evaluate}: {cfg['n_way']}-way, K = {cfg['k_spt']} support and Q = {cfg['k_qry']} query drawings "
@@ -442,9 +438,7 @@ def read_resume_point(resume, cfg, paths, parser):
 
 def start_or_resume(cfg, checkpoint, command, cuda_graph):
     """The sampler, the meta-learner and the run's state: fresh from the seed, or as the checkpoint left them."""
-    seed_everything(cfg["seed"])
-    sampler = make_sampler(cfg)  # loads the data (and builds data/omniglot.npy first if it is missing)
-    meta_learner = make_meta_learner(cfg)
+    sampler, meta_learner = sampler_and_meta_learner(cfg)
     state = RunState(update_step=cfg["update_step"])
     if checkpoint is not None:
         meta_learner.net.load_state_dict(checkpoint["net"])
