@@ -105,11 +105,8 @@ def main(argv=None):
     graphed_step = GraphedMetaStep(meta_learner)
 
     def reference_step():
-        meta_learner.meta_optim.zero_grad(set_to_none=True)
-        loss, _ = plain_maml.meta_loss(list(meta_learner.net.parameters()), *batch, k_spt=k_spt, update_lr=update_lr,
-                                       update_step=update_step, first_order=args.first_order)
-        loss.backward()
-        meta_learner.meta_optim.step()
+        plain_maml.meta_step(meta_learner.theta(), meta_learner.meta_optim, *batch, k_spt=k_spt, update_lr=update_lr,
+                             update_step=update_step, first_order=args.first_order)
 
     def test_step():
         meta_learner.finetunning(*batch)

@@ -57,7 +57,7 @@ class GraphedMetaStep:
         meta_learner = self.meta_learner
         self.inputs = [tensor.clone() for tensor in batch]
         meta_learner.match_adam_to_device()
-        theta = list(meta_learner.net.parameters())
+        theta = meta_learner.theta()
         optimizer_state = meta_learner.meta_optim.state
         with torch.no_grad():
             kept = {id(t): (t, t.clone()) for p in theta for t in [p, *optimizer_state.get(p, {}).values()]}

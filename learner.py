@@ -10,7 +10,7 @@ The architecture is the one of Finn et al. (2017), appendix A.1, for Omniglot:
     4 x [conv 3x3, 64 filters, stride 2, padding 1 -> batch norm -> ReLU]     28 -> 14 -> 7 -> 4 -> 2
     -> mean over the 2x2 spatial positions -> linear layer to n_way logits
 
-Parameter list, in this order (`BaseNet.param_names`):
+Its weights, `BaseNet.weights`, in this order (`BaseNet.param_names`):
 
     conv1.weight [64, 1, 3, 3], bn1.weight [64], bn1.bias [64],
     conv2.weight [64, 64, 3, 3], bn2.weight [64], bn2.bias [64],
@@ -58,7 +58,7 @@ BN_EPS = 1e-3
 
 
 class BaseNet(nn.Module):
-    """The 4-block conv net of the MAML paper, run with its own parameters or any given list."""
+    """The 4-block conv net of the MAML paper, run with its own weights or any given list."""
 
     def __init__(self, n_way, in_channels=1):
         super().__init__()
@@ -75,23 +75,23 @@ class BaseNet(nn.Module):
         nn.init.xavier_uniform_(fc_weight)
         params += [fc_weight, torch.zeros(n_way)]
         self.param_names += ["fc.weight", "fc.bias"]
-        self.vars = nn.ParameterList([nn.Parameter(p) for p in params])
+        self.weights = nn.ParameterList([nn.Parameter(p) for p in params])  # in param_names order
 
     def forward(self, x, params=None):
         """Logits for one task, x [n, C, 28, 28] -> [n, n_way], or for T tasks, x [T, n, C, 28, 28] -> [T, n, n_way].
 
-        `params` is a list of tensors in `param_names` order (default: this net's own parameters).
+        `params` is a list of tensors in `param_names` order (default: this net's own weights).
         Each entry is shared by all tasks (the shape of the net's own parameter) or holds one set per
         task (a leading dimension T).
         """
-        params = list(self.vars) if params is None else list(params)
-        if len(params) != len(self.vars):
-            raise ValueError(f"expected {len(self.vars)} parameter tensors, got {len(params)}")
+        params = list(self.weights) if params is None else list(params)
+        if len(params) != len(self.weights):
+            raise ValueError(f"expected {len(self.weights)} parameter tensors, got {len(params)}")
         one_task = x.dim() == 4
         if one_task:
             x = x.unsqueeze(0)
         tasks, n, channels, height, width = x.shape
-        params = [p if p.dim() > own.dim() else p.expand(tasks, *own.shape) for p, own in zip(params, self.vars)]
+        params = [p if p.dim() > own.dim() else p.expand(tasks, *own.shape) for p, own in zip(params, self.weights)]
         # params[i]: [T, *shape of own parameter i]
 
         # Tasks side by side along the channels, task by task: [T, n, C, H, W] -> [n, T*C, H, W], where

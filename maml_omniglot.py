@@ -15,15 +15,14 @@ and the other things it does:
     torchrun --standalone --nproc_per_node=P maml_omniglot.py ...   # each meta-batch split over P processes
 
 A run writes into runs/<setting>/ (git-ignored): log.csv, summary.json, curves.png, checkpoint.pt, and
-model.pt when it finishes; run_files.py says what each file holds, and distributed.py how torchrun's
-processes share a run. results/ holds published runs only (python results_table.py --publish). This file
-reads top to bottom: the settings, the command line, evaluation, the training loop, and run(), which
-tells the whole story in a few lines; main() turns every expected failure into one line.
+model.pt when it finishes; run_files.py says what each file holds (and checks the folder, the resume and
+the checkpoint), and distributed.py how torchrun's processes share a run. results/ holds published runs
+only (python results_table.py --publish). This file reads top to bottom: the settings; run(), which tells
+the whole story in a few lines; the training loop; evaluation; then the command line, whose main() turns
+every expected failure into one line.
 """
 import argparse
-import contextlib
 import csv
-import json
 import math
 import os
 import random
@@ -37,15 +36,14 @@ import torch
 from tqdm import tqdm
 
 import distributed
+import run_files
 from cuda_graph import GraphedMetaStep
 from curves import curves_png
 from distributed import DistributedError
 from meta import MetaLearner, NonFiniteError
 from omniglot_nshot import OmniglotNShot, task_shape_problem
 from preprocess_omniglot import PreprocessError
-from run_files import (FILES, FolderInUse, FolderLock, RunFileError, RunState, atomic_write, describe_changes,
-                       last_row, make_row, new_segment, read_checkpoint, read_log, read_model, set_rng_states,
-                       status_of, write_checkpoint, write_log, write_model, write_summary)
+from run_files import FILES, Refused, RunFileError, RunState, make_row, new_segment, write_log
 
 # ----------------------------------------------------------------------------------------------------
 # Settings: the paper's appendix (reference code: github.com/cbfinn/maml)
@@ -60,15 +58,284 @@ COMMON = dict(meta_lr=1e-3, iterations=60000)  # and k_qry = k_spt: K query draw
 # The flags that are not the algorithm's: how a run is run, logged and stored.
 RUN_DEFAULTS = dict(seed=0, device="auto", eval_every=500, eval_tasks=320, test_tasks=600, checkpoint_every=500,
                     data="data/omniglot.npy")
-
-# Config keys that may differ when resuming: where the files are, how often to checkpoint, and the
-# device (which changes only floating-point rounding). Any other difference is refused.
-RESUMABLE_CHANGES = ("data", "out", "device", "checkpoint_every")
-# The flags --evaluate takes; it reads every other value from the model's config.
+# --evaluate takes these flags, and reads every other value from the model's config.
 EVALUATE_FLAGS = ("n_way", "k_spt", "k_qry", "update_step_test", "test_tasks", "seed", "split", "data", "device",
                   "out")
 SEED_LIMIT = 2 ** 32  # numpy's legacy seeding accepts 0 .. 2**32 - 1
 MAX_EVALUATION_TASKS = 100_000  # the paper tests on 600; 100,000 already take hours on a CPU
+MAX_INNER_STEPS = 100  # the paper takes 1 to 5, the reference code tests with 10
+DIVERGED_LOSS = 10  # a train row whose meta-loss is this many times ln(N), a uniform guess's, has diverged
+
+# ----------------------------------------------------------------------------------------------------
+# The experiment
+# ----------------------------------------------------------------------------------------------------
+
+
+def run(cfg, resume, command, cuda_graph):
+    """The experiment: the output folder (checked and locked), start or resume, train, test, report.
+
+    Under torchrun only rank 0 touches the folder: it checks it, locks it, reads the checkpoint and sends
+    it to the others, and writes every file."""
+    paths = {key: os.path.join(cfg["out"], name) for key, name in FILES.items()}
+    writer = distributed.writer()
+    with run_files.RunFolder(cfg["out"], resume, writer) as folder:
+        checkpoint = distributed.from_rank_0(folder.resume_point(cfg), "the checkpoint")
+        sampler, meta_learner, state = start_or_resume(cfg, checkpoint, command, cuda_graph)
+        with StopRequested(writer) as stop:
+            train(cfg, meta_learner, sampler, state, paths, stop)
+            stop.at_once = "the final test"  # nothing is lost: the checkpoint is at the last iteration
+            test_accs, test_ci = evaluate(meta_learner, sampler, "test", cfg["test_tasks"])
+        if writer:
+            return finish(cfg, meta_learner, state, paths, test_accs, test_ci)
+    return 0
+
+
+def sampler_and_meta_learner(cfg):
+    """The run's sampler and meta-learner, built from its config after every RNG is seeded (in this order:
+    the network's initial weights are drawn from the seeded torch RNG). The sampler loads the data, and
+    builds data/omniglot.npy first if it is missing."""
+    random.seed(cfg["seed"])
+    np.random.seed(cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    sampler = OmniglotNShot(path=cfg["data"], task_num=cfg["task_num"], n_way=cfg["n_way"], k_spt=cfg["k_spt"],
+                            k_qry=cfg["k_qry"], device=cfg["device"], seed=cfg["seed"], rotate=cfg["rotate"])
+    meta_learner = MetaLearner(
+        n_way=cfg["n_way"], k_spt=cfg["k_spt"], update_lr=cfg["update_lr"], meta_lr=cfg["meta_lr"],
+        update_step=cfg["update_step"], update_step_test=cfg["update_step_test"], first_order=cfg["first_order"],
+        reduce=distributed.average_meta_step if distributed.launched() else None).to(cfg["device"])
+    return sampler, meta_learner
+
+
+def start_or_resume(cfg, checkpoint, command, cuda_graph):
+    """The sampler, the meta-learner and the run's state: fresh from the seed, or as the checkpoint left them."""
+    sampler, meta_learner = sampler_and_meta_learner(cfg)
+    state = RunState(update_step=cfg["update_step"])
+    if checkpoint is not None:
+        state = run_files.restore(checkpoint, meta_learner, sampler)
+        if distributed.writer():
+            print(f"resuming from {os.path.join(cfg['out'], FILES['checkpoint'])} at iteration {state.iteration}",
+                  file=sys.stderr)
+    state.start_segment(new_segment(state.iteration, cfg, command, computation(cfg, meta_learner, cuda_graph)))
+    changes = run_files.describe_changes(*state.segments[-2:]) if len(state.segments) > 1 else []
+    if changes and distributed.writer():
+        print(f"note: this segment differs from the previous one ({'; '.join(changes)}): the run continues "
+              f"correctly, but not bit for bit as it would have; summary.json records both", file=sys.stderr)
+    return sampler, meta_learner, state
+
+
+def computation(cfg, meta_learner, cuda_graph):
+    """How this process computes, as its segment in summary.json records it: the tasks batched or one by one
+    in the meta-step and finetunning (MetaLearner.path), and whether the meta-step is one CUDA graph (on
+    CUDA, unless --no-cuda-graph, and not under torchrun, whose all-reduce runs between the backward pass
+    and the Adam step). The training loop reads cuda_graph from here: it does what is recorded."""
+    device = torch.device(cfg["device"])
+    images_per_task = cfg["n_way"] * (cfg["k_spt"] + cfg["k_qry"])
+    return {"tasks": meta_learner.path(device, images_per_task),
+            "cuda_graph": cuda_graph and device.type == "cuda" and not distributed.launched()}
+
+
+class StopRequested:
+    """SIGINT and SIGTERM while training: say so at once, finish the iteration (and its validation),
+    checkpoint it and exit with 128 + the signal number. Once `at_once` names what runs (the final test,
+    after the last checkpoint), a signal stops it at once instead, as KeyboardInterrupt."""
+
+    def __init__(self, writer):
+        self.writer, self.signum, self.at_once, self.previous = writer, None, None, {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.at_once:
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} during {self.at_once}")
+        if self.signum is None and self.writer:
+            tqdm.write(f"{signal.Signals(signum).name}: stopping after this iteration (and its validation, if it "
+                       f"has one), with a checkpoint", file=sys.stderr)
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def train(cfg, meta_learner, sampler, state, paths, stop):
+    """Meta-train from state.iteration to cfg["iterations"]: meta-steps, train rows, validation, checkpoints.
+
+    Each checkpoint is followed by an "in progress" summary.json that describes exactly what it holds.
+    A SIGINT or SIGTERM (`stop`) finishes the iteration, checkpoints it and exits with 128 + the signal
+    number. Under torchrun every process runs this loop on its share of the tasks, and only rank 0 writes
+    and reports.
+    """
+    writer = distributed.writer()
+    title = os.path.basename(os.path.normpath(cfg["out"]))
+
+    def validate(iteration):
+        accs, ci95 = evaluate(meta_learner, sampler, "val", cfg["eval_tasks"])
+        state.log.append(make_row(iteration, "val", accs, ci95, None, state.elapsed()))
+        if writer:  # log.csv, and the curves drawn from it, so that a long run can be watched
+            write_log(paths["log"], state.log, cfg)
+            run_files.atomic_write(paths["curves"], curves_png(run_files.read_log(paths["log"]), title))
+        return accs[-1]
+
+    def checkpoint_and_maybe_stop(iteration):
+        signum = distributed.largest(stop.signum or 0, "the stop signal")  # a signal to one process stops all
+        if iteration % cfg["checkpoint_every"] == 0 or iteration == cfg["iterations"] or signum:
+            distributed.check_identical(meta_learner.state_dict(), f"the meta-parameters at iteration {iteration}")
+            state.advance(iteration)
+            if writer:
+                run_files.write_checkpoint(paths["checkpoint"], cfg, state, meta_learner, sampler)
+                run_files.write_summary(paths["summary"], cfg, state)
+        if signum:
+            if writer:
+                tqdm.write(f"{signal.Signals(signum).name} at iteration {iteration}: checkpoint saved to "
+                           f"{paths['checkpoint']}; continue with the same command and --resume", file=sys.stderr)
+            raise SystemExit(128 + signum)
+
+    val_row = run_files.last_row(state.log, "val")
+    val_acc = val_row[f"acc_step{cfg['update_step_test']}"] if val_row else float("nan")
+    ema = None
+    meta_step = GraphedMetaStep(meta_learner) if state.segments[-1]["computation"]["cuda_graph"] else meta_learner
+    with tqdm(total=cfg["iterations"], initial=state.iteration, unit="it", dynamic_ncols=True,
+              desc=f"{cfg['n_way']}-way {cfg['k_spt']}-shot", disable=not writer) as bar:
+        if state.iteration == 0 and not state.log:  # the untrained initialisation, for reference
+            val_acc = validate(0)
+            checkpoint_and_maybe_stop(0)
+        for iteration in range(state.iteration + 1, cfg["iterations"] + 1):
+            # The meta-step (MetaLearner.forward, or its CUDA graph): adapt every task on its support set, take
+            # the query loss of the adapted weights, backpropagate through the adaptation, one Adam step on θ.
+            # Under torchrun, on this process's share of the tasks, with the meta-gradients averaged.
+            started = time.monotonic()
+            x_spt, y_spt, x_qry, y_qry = distributed.my_tasks(sampler.next("train"))
+            try:
+                loss, accs = meta_step(x_spt, y_spt, x_qry, y_qry)
+            except NonFiniteError as e:
+                raise NonFiniteError(f"{e} at iteration {iteration}") from None
+            state.train_s += time.monotonic() - started
+
+            # The train row: the average of the meta-batches since the last one.
+            state.window["accs"] = state.window["accs"] + np.asarray(accs, dtype=np.float64)
+            state.window["loss"] += loss
+            state.window["count"] += 1
+            ema = accs[-1] if ema is None else 0.98 * ema + 0.02 * accs[-1]
+
+            # Every eval_every iterations: log the train row, validate, rewrite log.csv and curves.png.
+            if iteration % cfg["eval_every"] == 0 or iteration == cfg["iterations"]:
+                window = state.window
+                train_accs, train_loss = window["accs"] / window["count"], window["loss"] / window["count"]
+                state.log.append(make_row(iteration, "train", train_accs, None, train_loss, state.elapsed()))
+                state.empty_window()
+                val_acc = validate(iteration)
+                if writer:
+                    tqdm.write(f"iteration {iteration}: query accuracy train {train_accs[-1]:.3f} (after "
+                               f"{steps(cfg['update_step'])}), val {val_acc:.3f} (after "
+                               f"{steps(cfg['update_step_test'])})" + diverged_warning(cfg, train_loss))
+            bar.set_postfix(train_acc=f"{ema:.3f}", val_acc=f"{val_acc:.3f}", refresh=False)
+            bar.update(1)
+
+            # Every checkpoint_every iterations, at the last, and on a signal: checkpoint (and stop).
+            checkpoint_and_maybe_stop(iteration)
+
+
+def steps(n):
+    return f"{n} inner step{'s' * (n != 1)}"
+
+
+def diverged_warning(cfg, loss):
+    """A warning when a train row's meta-loss says the meta-training diverged (finite, but far above a
+    uniform guess's ln N), or nothing. Non-finite numbers stop the run instead (MetaLearner.forward)."""
+    if loss <= DIVERGED_LOSS * math.log(cfg["n_way"]):
+        return ""
+    return (f"; warning: the meta-loss, {loss:.3g}, is more than {DIVERGED_LOSS} times a uniform guess's "
+            f"({math.log(cfg['n_way']):.2f}): the meta-training has diverged, try a smaller --update-lr or --meta-lr")
+
+
+def finish(cfg, meta_learner, state, paths, test_accs, test_ci):
+    """Write what a finished run leaves: the log with its test row, model.pt, the summary, the curves."""
+    state.advance(cfg["iterations"])
+    test_row = make_row(cfg["iterations"], "test", test_accs, test_ci, None, state.elapsed_s)
+    write_log(paths["log"], state.log + [test_row], cfg)
+    run_files.write_model(paths["model"], cfg, meta_learner)
+    warnings = [w.removeprefix("; warning: ") for row in state.log if row["split"] == "train"
+                for w in [diverged_warning(cfg, row["loss"])] if w][-1:]
+    run_files.write_summary(paths["summary"], cfg, state, test_accs, test_ci, warnings)  # "finished": closed now
+    print(f"test accuracy over {cfg['test_tasks']} tasks, after 0..{cfg['update_step_test']} inner steps: "
+          + ", ".join(f"{100 * a:.2f}% ± {100 * c:.2f}" for a, c in zip(test_accs, test_ci))
+          + "".join(f" (warning: {w})" for w in warnings))
+    try:
+        run_files.atomic_write(paths["curves"], curves_png(run_files.read_log(paths["log"]),
+                                                           os.path.basename(os.path.normpath(cfg["out"]))))
+    except RunFileError as e:
+        print(f"maml_omniglot.py: error: {e}; the run has finished (its summary.json and model.pt are written): "
+              f"python maml_omniglot.py --plot-only {cfg['out']} draws curves.png", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation: adapt to fresh tasks without touching the meta-parameters
+# ----------------------------------------------------------------------------------------------------
+
+
+def evaluate(meta_learner, sampler, split, n_tasks):
+    """Per-step query accuracy on the first n_tasks tasks of `split`: (mean, 95% interval), numpy arrays.
+
+    The split's sampler is reset first, so every validation sees the same tasks (curves are comparable)
+    and evaluating never changes the training tasks. The interval is 1.96 * std / sqrt(n) over tasks,
+    with numpy's std (ddof=0), as in the reference code. Under torchrun each process adapts its share of
+    every batch, and they exchange the results.
+    """
+    sampler.reset(split)
+    per_task = []
+    seen = 0
+    while seen < n_tasks:
+        accs = meta_learner.finetunning(*distributed.my_tasks(sampler.next(split)), per_task=True)
+        accs = distributed.gather_tasks(accs, f"the {split} accuracies")  # [task_num, update_step_test + 1]
+        per_task.append(accs)
+        seen += len(accs)
+    per_task = np.concatenate(per_task)[:n_tasks]
+    return per_task.mean(axis=0), 1.96 * per_task.std(axis=0) / math.sqrt(n_tasks)
+
+
+def evaluate_model(args, parser, command):
+    """--evaluate: adapt the model in args.evaluate to tasks of the chosen split and report the accuracy.
+
+    Every value not given on the command line is the model's own, so with no flags the run's test is
+    repeated (exactly, on the same CPU). N must be the model's (its output layer has N classes); K, the
+    query drawings Q, the inner steps and the number of tasks may differ from training.
+    """
+    given = [key for key, value in vars(args).items() if value is not None and value is not False]
+    extra = [flag(key) for key in given if key not in EVALUATE_FLAGS + ("evaluate",)]
+    if extra:
+        parser.error(f"{', '.join(extra)}: not used by --evaluate, which takes only "
+                     + ", ".join(flag(key) for key in EVALUATE_FLAGS))
+    try:
+        model = run_files.read_model(args.evaluate)
+    except RunFileError as e:
+        parser.error(str(e))
+    cfg = dict(model["config"])
+    if args.n_way is not None and args.n_way != cfg["n_way"]:
+        parser.error(f"{args.evaluate} is a {cfg['n_way']}-way model (its output layer has {cfg['n_way']} "
+                     f"classes): --n-way must be {cfg['n_way']}")
+    cfg.update({key: getattr(args, key) for key in EVALUATE_FLAGS
+                if key not in ("n_way", "split", "device", "out") and getattr(args, key) is not None})
+    cfg["device"] = args.device or "auto"  # not the training's: the model may have been trained elsewhere
+    check_config(cfg, parser)
+    split = args.split or "test"
+    with run_files.EvaluationFolder(args.out) as folder:
+        sampler, meta_learner = sampler_and_meta_learner(cfg)
+        meta_learner.load_state_dict(model["theta"])
+        accs, ci95 = evaluate(meta_learner, sampler, split, cfg["test_tasks"])
+        print(f"{args.evaluate}: {cfg['n_way']}-way, K = {cfg['k_spt']} support and Q = {cfg['k_qry']} query "
+              f"drawings per class, {cfg['test_tasks']} {split} tasks, seed {cfg['seed']}. Query accuracy after "
+              f"0...{cfg['update_step_test']} inner steps:")
+        for step, (a, c) in enumerate(zip(accs, ci95)):
+            print(f"  {step} step{'s' * (step != 1)}: {100 * a:.2f} ± {100 * c:.2f} %")
+        folder.write_evaluation(accs, ci95, split, args.evaluate, cfg,
+                                new_segment(0, cfg, command, computation(cfg, meta_learner, cuda_graph=False)))
+    return 0
+
 
 # ----------------------------------------------------------------------------------------------------
 # Command line
@@ -85,7 +352,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser():
     p = Parser(prog="maml_omniglot.py", description="Second-order MAML on Omniglot (Finn et al. 2017). "
                "--setting picks the paper's values; every flag below overrides one of them.")
-    p.add_argument("--setting", default="5w1s", choices=sorted(SETTINGS), help="paper setting (default 5w1s)")
+    p.add_argument("--setting", choices=sorted(SETTINGS), help="paper setting (default 5w1s)")
     p.add_argument("--n-way", type=int, help="classes per task (N)")
     p.add_argument("--k-spt", type=int, help="support drawings per class (K)")
     p.add_argument("--k-qry", type=int, help="query drawings per class (Q, default: K)")
@@ -151,10 +418,12 @@ def check_config(cfg, parser):
                 "checkpoint_every"):
         if cfg[key] < 1:
             parser.error(f"{flag(key)} must be at least 1, got {cfg[key]}")
-    for key in ("eval_tasks", "test_tasks"):
-        if cfg[key] > MAX_EVALUATION_TASKS:
-            parser.error(f"{flag(key)} {cfg[key]} is more than {MAX_EVALUATION_TASKS:,}, which would take hours "
-                         f"(the paper tests on 600)")
+    for key, limit, why in (("eval_tasks", MAX_EVALUATION_TASKS, "the paper tests on 600"),
+                            ("test_tasks", MAX_EVALUATION_TASKS, "the paper tests on 600"),
+                            ("update_step", MAX_INNER_STEPS, "the paper takes 1 to 5"),
+                            ("update_step_test", MAX_INNER_STEPS, "the paper takes 3 to 5")):
+        if cfg[key] > limit:
+            parser.error(f"{flag(key)} {cfg[key]} is more than {limit:,}, which would take hours ({why})")
     if not 0 <= cfg["seed"] < SEED_LIMIT:
         parser.error(f"--seed must be between 0 and {SEED_LIMIT - 1}, got {cfg['seed']}")
     try:
@@ -174,319 +443,16 @@ def resolve_config(args, parser):
     """The run's config: the setting's values and the defaults for the flags left out, all checked."""
     if args.split is not None:
         parser.error("--split is for --evaluate only: training validates on val and tests on test")
-    cfg = {"setting": args.setting}
-    for key, default in dict(SETTINGS[args.setting], **COMMON).items():
+    setting = args.setting or "5w1s"
+    cfg = {"setting": setting}
+    for key, default in dict(SETTINGS[setting], **COMMON).items():
         cfg[key] = default if getattr(args, key) is None else getattr(args, key)
     cfg.update(k_qry=cfg["k_spt"] if args.k_qry is None else args.k_qry, first_order=args.first_order,
                rotate=not args.no_rotate)
-    for key, default in dict(RUN_DEFAULTS, out=os.path.join("runs", args.setting)).items():
+    for key, default in dict(RUN_DEFAULTS, out=os.path.join("runs", setting)).items():
         cfg[key] = default if getattr(args, key) is None else getattr(args, key)
     check_config(cfg, parser)
     return cfg
-
-
-def check_output_folder(out, resume, parser):
-    """The folder must be writable, must not hold a finished run, and holds a checkpoint only with --resume.
-    Returns whether it had to be created."""
-    if status_of(out) == "finished":
-        parser.error(f"--out {out} holds a finished run, which is never written into again: choose another --out")
-    created = not os.path.isdir(out)
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write-test-{os.getpid()}.tmp")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        parser.error(f"--out {out} cannot be written: {e.strerror or e}")
-    if not resume and os.path.exists(os.path.join(out, FILES["checkpoint"])):
-        parser.error(f"--out {out} already holds {FILES['checkpoint']}: add --resume to continue that run, "
-                     f"or choose another --out")
-    return created
-
-
-def check_resumable(checkpoint_cfg, cfg, path, parser):
-    differ = [f"{k}: checkpoint {checkpoint_cfg.get(k)!r}, now {cfg.get(k)!r}"
-              for k in sorted(set(checkpoint_cfg) | set(cfg))
-              if k not in RESUMABLE_CHANGES and checkpoint_cfg.get(k) != cfg.get(k)]
-    if differ:
-        parser.error(f"{path} was made with another configuration; refusing to resume (" + "; ".join(differ) + ")")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Evaluation: adapt to fresh tasks without touching the meta-parameters
-# ----------------------------------------------------------------------------------------------------
-
-
-def evaluate(meta_learner, sampler, split, n_tasks):
-    """Per-step query accuracy on the first n_tasks tasks of `split`: (mean, 95% interval), numpy arrays.
-
-    The split's sampler is reset first, so every validation sees the same tasks (curves are comparable)
-    and evaluating never changes the training tasks. The interval is 1.96 * std / sqrt(n) over tasks,
-    with numpy's std (ddof=0), as in the reference code. Under torchrun each process adapts its share of
-    every batch, and they exchange the results.
-    """
-    sampler.reset(split)
-    per_task = []
-    seen = 0
-    while seen < n_tasks:
-        accs = meta_learner.finetunning(*distributed.my_tasks(sampler.next(split)), per_task=True)
-        accs = distributed.gather_tasks(accs, f"the {split} accuracies")  # [task_num, update_step_test + 1]
-        per_task.append(accs)
-        seen += len(accs)
-    per_task = np.concatenate(per_task)[:n_tasks]
-    return per_task.mean(axis=0), 1.96 * per_task.std(axis=0) / math.sqrt(n_tasks)
-
-
-def sampler_and_meta_learner(cfg):
-    """The run's sampler and meta-learner, built from its config after every RNG is seeded (in this order:
-    the network's initial weights are drawn from the seeded torch RNG). The sampler loads the data, and
-    builds data/omniglot.npy first if it is missing."""
-    random.seed(cfg["seed"])
-    np.random.seed(cfg["seed"])
-    torch.manual_seed(cfg["seed"])
-    sampler = OmniglotNShot(path=cfg["data"], task_num=cfg["task_num"], n_way=cfg["n_way"], k_spt=cfg["k_spt"],
-                            k_qry=cfg["k_qry"], device=cfg["device"], seed=cfg["seed"], rotate=cfg["rotate"])
-    meta_learner = MetaLearner(
-        n_way=cfg["n_way"], k_spt=cfg["k_spt"], update_lr=cfg["update_lr"], meta_lr=cfg["meta_lr"],
-        update_step=cfg["update_step"], update_step_test=cfg["update_step_test"], first_order=cfg["first_order"],
-        reduce=distributed.average_meta_step if distributed.launched() else None).to(cfg["device"])
-    return sampler, meta_learner
-
-
-def computation(cfg, meta_learner, cuda_graph):
-    """How this process computes, as its segment in summary.json records it: the tasks batched or one by one
-    in the meta-step and finetunning (MetaLearner.path), and whether the meta-step is one CUDA graph (on
-    CUDA, unless --no-cuda-graph, and not under torchrun, whose all-reduce runs between the backward pass
-    and the Adam step). The training loop reads cuda_graph from here: it does what is recorded."""
-    device = torch.device(cfg["device"])
-    images_per_task = cfg["n_way"] * (cfg["k_spt"] + cfg["k_qry"])
-    return {"tasks": meta_learner.path(device, images_per_task),
-            "cuda_graph": cuda_graph and device.type == "cuda" and not distributed.launched()}
-
-
-def evaluate_model(args, parser, command):
-    """--evaluate: adapt the model in args.evaluate to tasks of the chosen split and report the accuracy.
-
-    Every value not given on the command line is the model's own, so with no flags the run's test is
-    repeated (exactly, on the same CPU). N must be the model's (its output layer has N classes); K, the
-    query drawings Q, the inner steps and the number of tasks may differ from training.
-    """
-    given = [key for key, value in vars(args).items() if value not in (None, False) and key != "setting"]
-    extra = [flag(key) for key in given if key not in EVALUATE_FLAGS + ("evaluate",)]
-    if extra:
-        parser.error(f"{', '.join(extra)}: not used by --evaluate, which takes only "
-                     + ", ".join(flag(key) for key in EVALUATE_FLAGS))
-    try:
-        model = read_model(args.evaluate)
-    except RunFileError as e:
-        parser.error(str(e))
-    cfg = dict(model["config"])
-    if args.n_way is not None and args.n_way != cfg["n_way"]:
-        parser.error(f"{args.evaluate} is a {cfg['n_way']}-way model (its output layer has {cfg['n_way']} "
-                     f"classes): --n-way must be {cfg['n_way']}")
-    for key in ("k_spt", "k_qry", "update_step_test", "test_tasks", "seed", "data"):
-        if getattr(args, key) is not None:
-            cfg[key] = getattr(args, key)
-    cfg["device"] = args.device or "auto"  # not the training's: the model may have been trained elsewhere
-    check_config(cfg, parser)
-    split = args.split or "test"
-    if args.out is not None:
-        check_output_folder(args.out, resume=True, parser=parser)
-
-    sampler, meta_learner = sampler_and_meta_learner(cfg)
-    meta_learner.net.load_state_dict(model["state_dict"])
-    accs, ci95 = evaluate(meta_learner, sampler, split, cfg["test_tasks"])
-    print(f"{args.evaluate}: {cfg['n_way']}-way, K = {cfg['k_spt']} support and Q = {cfg['k_qry']} query drawings "
-          f"per class, {cfg['test_tasks']} {split} tasks, seed {cfg['seed']}. Query accuracy after 0..."
-          f"{cfg['update_step_test']} inner steps:")
-    for step, (a, c) in enumerate(zip(accs, ci95)):
-        print(f"  {step} step{'s' * (step != 1)}: {100 * a:.2f} ± {100 * c:.2f} %")
-    if args.out is not None:
-        where = new_segment(0, cfg, command, computation(cfg, meta_learner, cuda_graph=False))
-        report = {"accs": [float(a) for a in accs], "ci95": [float(c) for c in ci95], "tasks": cfg["test_tasks"],
-                  "split": split, "model": args.evaluate, "config": cfg,
-                  **{key: where[key] for key in ("command", "git", "device", "computation", "torch", "python",
-                                                 "started_utc")}}
-        atomic_write(os.path.join(args.out, "evaluation.json"), (json.dumps(report, indent=2) + "\n").encode())
-    return 0
-
-
-# ----------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------
-
-
-class StopRequested:
-    """Remembers a SIGINT/SIGTERM so the loop can finish the iteration, checkpoint and exit."""
-
-    def __init__(self):
-        self.signum = None
-        self.previous = {}
-
-    def __enter__(self):
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self.previous[signum] = signal.signal(signum, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-
-def train(cfg, meta_learner, sampler, state, paths):
-    """Meta-train from state.iteration to cfg["iterations"]: meta-steps, train rows, validation, checkpoints.
-
-    Each checkpoint is followed by an "in progress" summary.json that describes exactly what it holds.
-    A SIGINT or SIGTERM finishes the iteration, checkpoints it and exits with 128 + the signal number.
-    Under torchrun every process runs this loop on its share of the tasks, and only rank 0 writes and reports.
-    """
-    writer = distributed.writer()
-
-    def validate(iteration):
-        accs, ci95 = evaluate(meta_learner, sampler, "val", cfg["eval_tasks"])
-        state.log.append(make_row(iteration, "val", accs, ci95, None, state.elapsed()))
-        return accs[-1]
-
-    def checkpoint_and_maybe_stop(iteration, stop):
-        signum = distributed.largest(stop.signum or 0, "the stop signal")  # a signal to one process stops all
-        if iteration % cfg["checkpoint_every"] == 0 or iteration == cfg["iterations"] or signum:
-            distributed.check_identical(meta_learner.net.state_dict(), f"the meta-parameters at iteration {iteration}")
-            state.advance(iteration)
-            if writer:
-                write_checkpoint(paths["checkpoint"], cfg, state, meta_learner, sampler)
-                write_summary(paths["summary"], cfg, state)
-        if signum:
-            if writer:
-                tqdm.write(f"{signal.Signals(signum).name} at iteration {iteration}: checkpoint saved to "
-                           f"{paths['checkpoint']}; continue with the same command and --resume", file=sys.stderr)
-            raise SystemExit(128 + signum)
-
-    val_row = last_row(state.log, "val")
-    val_acc = val_row[f"acc_step{cfg['update_step_test']}"] if val_row else float("nan")
-    ema = None
-    meta_step = GraphedMetaStep(meta_learner) if state.segments[-1]["computation"]["cuda_graph"] else meta_learner
-    with StopRequested() as stop, tqdm(total=cfg["iterations"], initial=state.iteration, unit="it",
-                                       dynamic_ncols=True, desc=f"{cfg['n_way']}-way {cfg['k_spt']}-shot",
-                                       disable=not writer) as bar:
-        if state.iteration == 0 and not state.log:  # the untrained initialisation, for reference
-            val_acc = validate(0)
-            if writer:
-                write_log(paths["log"], state.log, cfg)
-            checkpoint_and_maybe_stop(0, stop)
-        for iteration in range(state.iteration + 1, cfg["iterations"] + 1):
-            # The meta-step (MetaLearner.forward, or its CUDA graph): adapt every task on its support set, take
-            # the query loss of the adapted weights, backpropagate through the adaptation, one Adam step on θ.
-            # Under torchrun, on this process's share of the tasks, with the meta-gradients averaged.
-            started = time.monotonic()
-            x_spt, y_spt, x_qry, y_qry = distributed.my_tasks(sampler.next("train"))
-            try:
-                loss, accs = meta_step(x_spt, y_spt, x_qry, y_qry)
-            except NonFiniteError as e:
-                raise NonFiniteError(f"{e} at iteration {iteration}") from None
-            state.train_s += time.monotonic() - started
-
-            # The train row: the average of the meta-batches since the last one.
-            state.window["accs"] = state.window["accs"] + np.asarray(accs, dtype=np.float64)
-            state.window["loss"] += loss
-            state.window["count"] += 1
-            ema = accs[-1] if ema is None else 0.98 * ema + 0.02 * accs[-1]
-
-            # Every eval_every iterations: log the train row, validate, rewrite log.csv.
-            if iteration % cfg["eval_every"] == 0 or iteration == cfg["iterations"]:
-                window = state.window
-                train_accs = window["accs"] / window["count"]
-                state.log.append(make_row(iteration, "train", train_accs, None, window["loss"] / window["count"],
-                                          state.elapsed()))
-                state.empty_window()
-                val_acc = validate(iteration)
-                if writer:
-                    write_log(paths["log"], state.log, cfg)
-                    tqdm.write(f"iteration {iteration}: query accuracy train {train_accs[-1]:.3f} (after "
-                               f"{cfg['update_step']} inner steps), val {val_acc:.3f} (after "
-                               f"{cfg['update_step_test']})")
-            bar.set_postfix(train_acc=f"{ema:.3f}", val_acc=f"{val_acc:.3f}", refresh=False)
-            bar.update(1)
-
-            # Every checkpoint_every iterations, at the last, and on a signal: checkpoint (and stop).
-            checkpoint_and_maybe_stop(iteration, stop)
-
-
-# ----------------------------------------------------------------------------------------------------
-# main
-# ----------------------------------------------------------------------------------------------------
-
-
-def read_resume_point(resume, cfg, paths, parser):
-    """With --resume, the checkpoint to continue from (checked, and refused with exit code 2 when it cannot
-    be used, before any data is loaded, leaving it untouched); None to start from the beginning."""
-    if not resume:
-        return None
-    if not os.path.exists(paths["checkpoint"]):
-        print(f"--resume: no {paths['checkpoint']} yet, starting from the beginning", file=sys.stderr)
-        return None
-    try:
-        checkpoint = read_checkpoint(paths["checkpoint"])
-    except RunFileError as e:
-        parser.error(f"{e}; refusing to resume from it. It was left untouched: move it away to start over")
-    check_resumable(checkpoint["config"], cfg, paths["checkpoint"], parser)
-    return checkpoint
-
-
-def start_or_resume(cfg, checkpoint, command, cuda_graph):
-    """The sampler, the meta-learner and the run's state: fresh from the seed, or as the checkpoint left them."""
-    sampler, meta_learner = sampler_and_meta_learner(cfg)
-    state = RunState(update_step=cfg["update_step"])
-    if checkpoint is not None:
-        meta_learner.net.load_state_dict(checkpoint["net"])
-        meta_learner.meta_optim.load_state_dict(checkpoint["meta_optim"])
-        sampler.load_state_dict(checkpoint["sampler"])
-        set_rng_states(checkpoint["rng"])
-        state = RunState(**checkpoint["run"])
-        if distributed.writer():
-            print(f"resuming from {os.path.join(cfg['out'], FILES['checkpoint'])} at iteration {state.iteration}",
-                  file=sys.stderr)
-    state.start_segment(new_segment(state.iteration, cfg, command, computation(cfg, meta_learner, cuda_graph)))
-    if len(state.segments) > 1 and distributed.writer():
-        changes = describe_changes(state.segments[-2], state.segments[-1])
-        if changes:
-            print(f"note: this segment differs from the previous one ({'; '.join(changes)}): the run continues "
-                  f"correctly, but not bit for bit as it would have; summary.json records both", file=sys.stderr)
-    return sampler, meta_learner, state
-
-
-def finish(cfg, meta_learner, state, paths, test_accs, test_ci):
-    """Write what a finished run leaves: the log with its test row, model.pt, the summary, the curves."""
-    state.advance(cfg["iterations"])
-    test_row = make_row(cfg["iterations"], "test", test_accs, test_ci, None, state.elapsed_s)
-    write_log(paths["log"], state.log + [test_row], cfg)
-    write_model(paths["model"], cfg, meta_learner.net)
-    write_summary(paths["summary"], cfg, state, test_accs, test_ci)  # "finished": the folder is now closed
-    atomic_write(paths["curves"], curves_png(read_log(paths["log"]), os.path.basename(os.path.normpath(cfg["out"]))))
-    print(f"test accuracy over {cfg['test_tasks']} tasks, after 0..{cfg['update_step_test']} inner steps: "
-          + ", ".join(f"{100 * a:.2f}% ± {100 * c:.2f}" for a, c in zip(test_accs, test_ci)))
-
-
-def run(cfg, resume, command, parser, cuda_graph):
-    """The experiment: the output folder (checked), start or resume, train, test, report.
-
-    Under torchrun only rank 0 touches the folder: it checks it, locks it, reads the checkpoint and sends
-    it to the others, and writes every file."""
-    paths = {key: os.path.join(cfg["out"], name) for key, name in FILES.items()}
-    writer = distributed.writer()
-    created = writer and check_output_folder(cfg["out"], resume, parser)
-    checkpoint = read_resume_point(resume, cfg, paths, parser) if writer else None
-    with FolderLock(cfg["out"], created) if writer else contextlib.nullcontext():  # one writer per folder
-        checkpoint = distributed.from_rank_0(checkpoint, "the checkpoint")
-        sampler, meta_learner, state = start_or_resume(cfg, checkpoint, command, cuda_graph)
-        train(cfg, meta_learner, sampler, state, paths)
-        test_accs, test_ci = evaluate(meta_learner, sampler, "test", cfg["test_tasks"])
-        if writer:
-            finish(cfg, meta_learner, state, paths, test_accs, test_ci)
-    return 0
 
 
 def plot_only(folder, parser):
@@ -494,10 +460,10 @@ def plot_only(folder, parser):
     if not os.path.isfile(log_path):
         parser.error(f"--plot-only {folder}: there is no {log_path}")
     try:
-        png = curves_png(read_log(log_path), os.path.basename(os.path.normpath(folder)))
-    except (ValueError, KeyError, csv.Error, UnicodeDecodeError) as e:
+        png = curves_png(run_files.read_log(log_path), os.path.basename(os.path.normpath(folder)))
+    except (ValueError, KeyError, TypeError, AttributeError, csv.Error, UnicodeDecodeError) as e:
         parser.error(f"--plot-only {folder}: {log_path} is not a log.csv of this program ({type(e).__name__}: {e})")
-    atomic_write(os.path.join(folder, FILES["curves"]), png)
+    run_files.atomic_write(os.path.join(folder, FILES["curves"]), png)
     return 0
 
 
@@ -508,10 +474,11 @@ def main(argv=None):
         parser.prog += f" (rank {distributed.rank()} of {distributed.world_size()})"
     args = parser.parse_args(argv)
     command = shlex.join(["python", "maml_omniglot.py"] + (sys.argv[1:] if argv is None else list(argv)))
+    for key in ("evaluate", "plot_only", "out", "data"):
+        if getattr(args, key) == "":
+            parser.error(f"{flag(key)} is empty: give a path (an unset shell variable?)")
     if distributed.launched() and (args.plot_only or args.evaluate):
         parser.error("--plot-only and --evaluate run in one process: start them with python, not torchrun")
-    if args.plot_only:
-        return plot_only(args.plot_only, parser)
     checkpoint_path = None
 
     def kept():
@@ -521,15 +488,17 @@ def main(argv=None):
                 else "no checkpoint had been written yet")
 
     try:
+        if args.plot_only:
+            return plot_only(args.plot_only, parser)
         if args.evaluate:
             return evaluate_model(args, parser, command)
         cfg = resolve_config(args, parser)
         checkpoint_path = os.path.join(cfg["out"], FILES["checkpoint"])
         distributed.join(cfg["device"])
-        code = run(cfg, args.resume, command, parser, cuda_graph=not args.no_cuda_graph)
+        code = run(cfg, args.resume, command, cuda_graph=not args.no_cuda_graph)
         distributed.leave()
         return code
-    except FolderInUse as e:
+    except Refused as e:  # a folder or file named on the command line that cannot be used as asked
         parser.error(str(e))
     except PreprocessError as e:  # --data names no usable array, and there are no zips to build it from
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
@@ -546,10 +515,10 @@ def main(argv=None):
             raise
         print(f"{parser.prog}: error: out of memory ({type(e).__name__}): make the tasks or the meta-batch "
               f"smaller (--n-way, --k-spt, --k-qry, --task-num)", file=sys.stderr)
-    except KeyboardInterrupt:  # outside the training loop, which checkpoints on SIGINT itself
+    except KeyboardInterrupt as e:  # outside the training loop, which checkpoints on a signal itself
         left = (f"{checkpoint_path} is kept: continue with --resume"
                 if checkpoint_path is not None and os.path.exists(checkpoint_path) else "nothing was written")
-        print(f"{parser.prog}: interrupted; {left}", file=sys.stderr)
+        print(f"{parser.prog}: interrupted{f' ({e})' if str(e) else ''}; {left}", file=sys.stderr)
         return 130
     return 1
 

@@ -74,10 +74,20 @@ class NonFiniteError(ArithmeticError):
 
 
 class MetaLearner(nn.Module):
-    """Holds the meta-parameters θ (a BaseNet) and the Adam meta-optimizer."""
+    """Second-order MAML: θ, its Adam meta-optimizer, the meta-step (forward) and test-time adaptation.
+
+    θ, the meta-parameters, is this module's own parameters, `theta()`: its network's weights (the
+    initial weights every task adapts from) and anything a variant learns beside them, such as per-step
+    inner learning rates. Everything that handles θ as a whole goes through `theta()` or this module's
+    `state_dict()`: Adam, the all-reduce of several processes, the finiteness check and its undo, the
+    CUDA graph's warm-up, the drift check between processes, checkpoint.pt and model.pt.
+
+    `network(n_way)` builds the network, the paper's BaseNet by default. It must run as
+    `net(x, params)` with any list of tensors shaped as `net.parameters()`, in that order (learner.py).
+    """
 
     def __init__(self, *, n_way, k_spt, update_lr, meta_lr, update_step, update_step_test, first_order=False,
-                 reduce=None, batching="auto"):
+                 reduce=None, batching="auto", network=BaseNet):
         super().__init__()
         if batching not in BATCHINGS:
             raise ValueError(f"batching must be one of {BATCHINGS}, got {batching!r}")
@@ -88,8 +98,12 @@ class MetaLearner(nn.Module):
         self.update_step_test = update_step_test
         self.first_order = first_order
         self.batching = batching
-        self.net = BaseNet(n_way)
-        self.meta_optim = torch.optim.Adam(self.net.parameters(), lr=meta_lr)
+        self.net = network(n_way)
+        self.meta_optim = torch.optim.Adam(self.theta(), lr=meta_lr)
+
+    def theta(self):
+        """θ: every tensor the meta-step learns, as a list (this module's parameters, its network's first)."""
+        return list(self.parameters())
 
     def path(self, device, images_per_task):
         """How a batch of tasks of `images_per_task` images each (N*K support + N*Q query) runs on `device`:
@@ -161,6 +175,7 @@ class MetaLearner(nn.Module):
         measured without building a graph.
         """
         accs = []
+        # The fast weights start at the network's weights, θ's part that the tasks adapt.
         steps = self.adapt(x_spt, y_spt, self.update_step, self.net.parameters(), create_graph=not self.first_order)
         for step, fast_weights in enumerate(steps):
             if step < self.update_step:
@@ -178,13 +193,27 @@ class MetaLearner(nn.Module):
         """One meta-step, computed on the device without reading any number: what forward runs, and what
         cuda_graph.py captures as one CUDA graph.
 
-        Returns (loss, accs, refused), tensors on the device: the meta-loss (detached) and the accuracies
-        of meta_loss, and `refused`, 0 when the Adam step was taken, 1 when the meta-gradient was not
-        finite, 2 when the step made θ non-finite (an overflow inside Adam). A refused step leaves θ and
-        Adam's state exactly as they were. When the tasks of a meta-batch are spread over several processes
-        (distributed.py), each passes its share, and `reduce(parameters, loss, accs)` turns its
-        meta-gradient (the parameters' .grad), loss and accuracies into the whole batch's before the
-        checks, so that every process takes the same step.
+        It reads as plain_maml.meta_step does: adapt every task and score its query set (meta_loss),
+        backpropagate through the adaptation, step θ with Adam, here guarded (guarded_step). Returns
+        (loss, accs, refused), tensors on the device: the meta-loss (detached) and the accuracies of
+        meta_loss, and `refused` as guarded_step gives it. When the tasks of a meta-batch are spread over
+        several processes (distributed.py), each passes its share, and `reduce(theta, loss, accs)` turns
+        its meta-gradient (θ's .grad), loss and accuracies into the whole batch's before the step, so
+        that every process takes the same step.
+        """
+        self.match_adam_to_device()
+        self.meta_optim.zero_grad(set_to_none=True)
+        loss, accs = self.meta_loss(x_spt, y_spt, x_qry, y_qry)
+        loss.backward()
+        loss = loss.detach()
+        if self.reduce is not None:  # this process's share of a meta-batch: the whole batch's, from them all
+            loss, accs = self.reduce(self.theta(), loss, accs)
+        return loss, accs, self.guarded_step()
+
+    def guarded_step(self):
+        """Adam's step on θ from its .grad, undone when it is not finite. Returns `refused`, a tensor on the
+        device: 0 when the step was taken, 1 when the meta-gradient was not finite, 2 when the step made θ
+        non-finite (an overflow inside Adam). A refused step leaves θ and Adam's state exactly as they were.
 
         Why the step is taken and then undone rather than tested first: a test is a branch on a number
         on the device, which a CUDA graph cannot contain (a replay launches the same kernels every
@@ -196,13 +225,7 @@ class MetaLearner(nn.Module):
         `refused` afterwards (read_step) and raises. One exception, handled by forward: Adam creates its
         state at its first step, so a refused first step leaves a new state behind, which forward drops.
         """
-        self.match_adam_to_device()
-        self.meta_optim.zero_grad(set_to_none=True)
-        loss, accs = self.meta_loss(x_spt, y_spt, x_qry, y_qry)
-        loss.backward()
-        if self.reduce is not None:  # this process's share of a meta-batch: the whole batch's, from them all
-            loss, accs = self.reduce(list(self.net.parameters()), loss.detach(), accs)
-        theta = list(self.net.parameters())
+        theta = self.theta()
         gradient_finite = all_finite([p.grad for p in theta])
         changed = theta + [t for p in theta for t in self.meta_optim.state.get(p, {}).values()]
         with torch.no_grad():
@@ -211,7 +234,7 @@ class MetaLearner(nn.Module):
             refused = torch.where(gradient_finite, torch.where(all_finite(theta), 0, 2), 1)
             for tensor, before in zip(changed, kept):
                 tensor.copy_(torch.where(refused == 0, tensor, before))
-        return loss.detach(), accs, refused
+        return refused
 
     def match_adam_to_device(self):
         """Adam as the device wants it. On CUDA with capturable=True: its step counts live on the GPU and
@@ -219,7 +242,7 @@ class MetaLearner(nn.Module):
         same, so that both run one function). On the CPU with capturable=False, Adam's default: step
         counts on the CPU, corrections in Python floats. A checkpoint from the other kind of device is
         converted here; the change is a rounding difference at most."""
-        capturable = self.net.vars[0].device.type == "cuda"
+        capturable = self.theta()[0].device.type == "cuda"
         for group in self.meta_optim.param_groups:
             group["capturable"] = capturable
         for p, state in self.meta_optim.state.items():
@@ -273,10 +296,10 @@ class MetaLearner(nn.Module):
 
     def batch_finetunning(self, x_spt, y_spt, x_qry, y_qry):
         """finetunning's accuracies with all the tasks at once: [T, update_step_test + 1], on the device."""
-        theta = [p.detach().requires_grad_() for p in self.net.parameters()]
+        start = [p.detach().requires_grad_() for p in self.net.parameters()]
         accs = []
         with torch.enable_grad():
-            for fast_weights in self.adapt(x_spt, y_spt, self.update_step_test, theta, create_graph=False):
+            for fast_weights in self.adapt(x_spt, y_spt, self.update_step_test, start, create_graph=False):
                 with torch.no_grad():
                     accs.append(accuracy_per_task(self.net(x_qry, fast_weights), y_qry))
         return torch.stack(accs, dim=1)

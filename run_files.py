@@ -27,13 +27,29 @@ A run's folder (--out, runs/<setting>/ by default) holds:
                  produced it.
                  A folder whose summary says "finished" is never written into again.
   curves.png     drawn from log.csv by curves.py.
-  checkpoint.pt  everything needed to continue the run exactly (CHECKPOINT_KEYS below), written every
-                 --checkpoint-every iterations, at the last one, and on SIGINT/SIGTERM.
-  model.pt       the trained network, written when the run finishes: {"format", "config",
-                 "param_names", "state_dict", "digest"}, tensors and plain values only, so that
-                 torch.load(path, weights_only=True) reads it. state_dict is BaseNet's (its parameters
-                 "vars.0", "vars.1", ... are the param_names, in order: conv1.weight, bn1.weight, ...).
+  checkpoint.pt  everything needed to continue the run exactly (CHECKPOINT_KEYS below): θ (the
+                 MetaLearner's state_dict), Adam's state, the RNG and sampler states, the run's state and
+                 config; written every --checkpoint-every iterations, at the last one, and on
+                 SIGINT/SIGTERM.
+  model.pt       the trained meta-parameters θ, written when the run finishes: {"format", "config",
+                 "param_names", "theta", "digest"}, tensors and plain values only, so that
+                 torch.load(path, weights_only=True) reads it. theta is the MetaLearner's state_dict: its
+                 network's weights "net.weights.0", "net.weights.1", ... are the param_names, in order
+                 (conv1.weight, bn1.weight, ...; learner.py).
   .lock          held (flock) by the process writing the folder, so that two runs never write one folder.
+
+--evaluate writes one more file, into its own --out folder (never a training run's):
+
+  evaluation.json  {"accs", "ci95"}: the query accuracy after 0..update_step_test inner steps and its 95%
+                 interval, over "tasks" tasks of "split"; "model" (the model.pt), "config" (the model's,
+                 with the flags given), and the command, git, device, computation, torch, python and
+                 started_utc of the process that evaluated, as a segment of summary.json records them.
+
+Files of older formats keep working. A checkpoint or model.pt of an older format that this code still
+reads is upgraded as it is read (UPGRADES), and a config written before a key existed gets the value that
+reproduces what that code did (ADDED_CONFIG), so that every committed checkpoint and published model.pt
+resumes and evaluates with every later commit (tests/test_run_files.py, with a committed file of each
+older format). Formats too old to upgrade name the last commit that reads them.
 
 Every file is written atomically: to a temporary name of this process beside it, then renamed over the
 old one, so a reader or a crash sees the old file or the new one, never half of one. A write that fails
@@ -53,27 +69,43 @@ import json
 import os
 import platform
 import random
+import re
 import subprocess
+import sys
 import time
+import zipfile
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-CHECKPOINT_FORMAT = 3  # 3: one "run" entry (RunState) and a digest
-CHECKPOINT_LAST_READERS = {1: "1e6d682", 2: "bf074d8"}  # older formats: the last commit that resumes them
-CHECKPOINT_KEYS = ("format", "config", "run", "net", "meta_optim", "rng", "sampler", "digest")
 FILES = {"log": "log.csv", "summary": "summary.json", "curves": "curves.png", "checkpoint": "checkpoint.pt",
          "model": "model.pt"}  # a run folder's files, by what they are
-MODEL_FORMAT = 1
-MODEL_KEYS = ("format", "config", "param_names", "state_dict", "digest")
+CHECKPOINT_FORMAT = 4  # 4: θ as the MetaLearner's state_dict; 3: the network's ("net"); 2: no "run" entry
+CHECKPOINT_KEYS = ("format", "config", "run", "theta", "meta_optim", "rng", "sampler", "digest")
+CHECKPOINT_LAST_READERS = {1: "1e6d682", 2: "bf074d8"}  # formats too old to upgrade: the last commit that reads them
+MODEL_FORMAT = 2  # 2: θ as the MetaLearner's state_dict; 1: the network's ("state_dict")
+MODEL_KEYS = ("format", "config", "param_names", "theta", "digest")
+# The config keys that do not change what is learned: where the files are, how often to checkpoint, and the
+# device (which changes floating-point rounding only). A run may resume with other values of these, and runs
+# that differ in these and the seed alone are seeds of one configuration (results_table.py).
+NOT_LEARNED = ("data", "out", "device", "checkpoint_every")
+# Config keys added after runs were first written, each with the value that gives what the code did before
+# the key existed. Every config read from a checkpoint or model.pt gets them (read_checkpoint, read_model),
+# so that a new option never orphans an earlier run: add a key here when you add it to the config.
+ADDED_CONFIG = {}
 
 
 class RunFileError(Exception):
     """A run file that cannot be written, or read back as what it should be. The message is one line."""
 
 
-class FolderInUse(RunFileError):
+class Refused(RunFileError):
+    """A folder or file named on the command line that cannot be used as asked: refused like a bad flag
+    (maml_omniglot.py exits with 2), before anything is written."""
+
+
+class FolderInUse(Refused):
     """Another process holds the folder's lock."""
 
 
@@ -107,13 +139,24 @@ def atomic_write(path, data):
         os.close(fd)
 
 
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 class FolderLock:
-    """Holds `folder/.lock` with flock for as long as a run writes the folder.
+    """Holds `folder/.lock` with flock for as long as a process writes the folder.
 
     The kernel releases the lock when the process ends, however it ends, so a crash leaves no stale
-    lock. The file keeps the holder's pid, so that a refused second run can name it. A run that wrote
-    nothing (refused data, Ctrl-C while loading) leaves nothing: the lock file goes, and the folder too
-    when this run created it (created=True).
+    lock. The file keeps the holder's pid, so that a refused second process can name it. The holder
+    removes the temporary files (atomic_write's NAME.PID.tmp) that killed processes left. A process
+    that wrote nothing (refused data, Ctrl-C while loading) leaves nothing: the lock file goes, and the
+    folder too when it was created for this process (created=True).
     """
 
     def __init__(self, folder, created=False):
@@ -122,6 +165,7 @@ class FolderLock:
         self.file = None
 
     def __enter__(self):
+        self.had_lock_file = os.path.exists(self.path)
         self.file = open(self.path, "a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -134,12 +178,16 @@ class FolderLock:
         self.file.truncate(0)
         self.file.write(f"process {os.getpid()} on {platform.node()}\n")
         self.file.flush()
+        for name in os.listdir(self.folder):
+            left = re.fullmatch(r".+\.(\d+)\.tmp", name)
+            if left and not alive(int(left[1])):
+                os.remove(os.path.join(self.folder, name))
         return self
 
-    def __exit__(self, *exc):
-        if os.listdir(self.folder) == [".lock"]:
-            os.remove(self.path)
-            if self.created:
+    def __exit__(self, kind=None, error=None, traceback=None):
+        if os.listdir(self.folder) == [".lock"] or (isinstance(error, Refused) and not self.had_lock_file):
+            os.remove(self.path)  # nothing was written, or the folder was refused as it was found
+            if self.created and not os.listdir(self.folder):
                 os.rmdir(self.folder)
         self.file.close()  # releases the lock
 
@@ -147,10 +195,113 @@ class FolderLock:
 def status_of(folder):
     """The status in folder/summary.json ("finished", "in progress"), or None when there is none."""
     try:
-        with open(os.path.join(folder, "summary.json")) as f:
+        with open(os.path.join(folder, FILES["summary"])) as f:
             return json.load(f).get("status")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def writable_folder(folder):
+    """Make `folder` if needed and check that files can be written in it; Refused when not. Returns whether
+    it was created."""
+    created = not os.path.isdir(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{os.getpid()}.tmp")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise Refused(f"--out {folder} cannot be written: {e.strerror or e}") from None
+    return created
+
+
+class RunFolder(FolderLock):
+    """A training run's folder (--out), checked and locked for as long as the run writes it: it must be
+    writable, must not hold a finished run (never written into again), and holds a checkpoint only with
+    --resume. The checks are made under the lock, so that no other process changes the folder between
+    them and the run. Under torchrun only rank 0 (writer=True) touches the folder; the others get a
+    folder object that does nothing."""
+
+    def __init__(self, folder, resume, writer=True):
+        super().__init__(folder)
+        self.resume, self.writer = resume, writer
+        self.checkpoint_path = os.path.join(folder, FILES["checkpoint"])
+
+    def __enter__(self):
+        if not self.writer:
+            return self
+        self.created = writable_folder(self.folder)
+        super().__enter__()
+        try:
+            if status_of(self.folder) == "finished":
+                raise Refused(f"--out {self.folder} holds a finished run, which is never written into again: "
+                              f"choose another --out")
+            if not self.resume and os.path.exists(self.checkpoint_path):
+                raise Refused(f"--out {self.folder} already holds {FILES['checkpoint']}: add --resume to continue "
+                              f"that run, or choose another --out")
+        except Refused as error:
+            super().__exit__(Refused, error, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        if self.writer:
+            super().__exit__(*exc)
+
+    def resume_point(self, cfg):
+        """With --resume, the checkpoint to continue from, checked (Refused when it cannot be used, leaving it
+        untouched, before any data is loaded); None to start from the beginning, and on the other ranks."""
+        if not (self.writer and self.resume):
+            return None
+        if not os.path.exists(self.checkpoint_path):
+            print(f"--resume: no {self.checkpoint_path} yet, starting from the beginning", file=sys.stderr)
+            return None
+        try:
+            checkpoint = read_checkpoint(self.checkpoint_path)
+        except RunFileError as e:
+            raise Refused(f"{e}; refusing to resume from it. It was left untouched: move it away to start over") \
+                from None
+        differ = [f"{key}: checkpoint {checkpoint['config'].get(key)!r}, now {cfg.get(key)!r}"
+                  for key in sorted(set(checkpoint["config"]) | set(cfg))
+                  if key not in NOT_LEARNED and checkpoint["config"].get(key) != cfg.get(key)]
+        if differ:
+            raise Refused(f"{self.checkpoint_path} was made with another configuration; refusing to resume ("
+                          + "; ".join(differ) + ")")
+        return checkpoint
+
+
+class EvaluationFolder(FolderLock):
+    """--evaluate's --out folder, where evaluation.json goes: writable, not a finished run's, and locked while
+    evaluation.json is written, so that it never writes into a folder that a training run holds. Without
+    --out (folder None) nothing is written."""
+
+    def __init__(self, folder):
+        super().__init__(folder or "")
+
+    def __enter__(self):
+        if not self.folder:
+            return self
+        if status_of(self.folder) == "finished":
+            raise Refused(f"--out {self.folder} holds a finished run, which is never written into again: "
+                          f"choose another --out")
+        self.created = writable_folder(self.folder)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        if self.folder:
+            super().__exit__(*exc)
+
+    def write_evaluation(self, accs, ci95, split, model, cfg, segment):
+        """evaluation.json (see the top of this file), from the accuracies, their intervals and the
+        segment (new_segment) of the process that evaluated."""
+        if not self.folder:
+            return
+        report = {"accs": [float(a) for a in accs], "ci95": [float(c) for c in ci95], "tasks": cfg["test_tasks"],
+                  "split": split, "model": model, "config": cfg,
+                  **{key: segment[key] for key in ("command", "git", "device", "computation", "torch", "python",
+                                                   "started_utc")}}
+        atomic_write(os.path.join(self.folder, "evaluation.json"), (json.dumps(report, indent=2) + "\n").encode())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -308,7 +459,7 @@ def describe_changes(previous, current):
     return changes
 
 
-def write_summary(path, cfg, state, test_accs=None, test_ci=None):
+def write_summary(path, cfg, state, test_accs=None, test_ci=None, warnings=()):
     """summary.json: "in progress" after every checkpoint (describing exactly the checkpoint), then
     "finished" with the test accuracies. The top-level command, git, versions and device are those of
     the latest segment; "segments" has them all. wall_time_s counts training, validation and test over
@@ -338,6 +489,8 @@ def write_summary(path, cfg, state, test_accs=None, test_ci=None):
         "train_time_s": round(state.train_s, 3),
         "meta_iterations_per_s": round(state.iteration / state.train_s, 3) if state.train_s else None,
     }
+    if warnings:
+        summary["warnings"] = list(warnings)
     atomic_write(path, (json.dumps(summary, indent=2) + "\n").encode())
 
 
@@ -397,51 +550,99 @@ def save_with_digest(path, contents):
     atomic_write(path, buf.getvalue())
 
 
+def theta_of_net(net_state):
+    """θ as MetaLearner.state_dict() names it, from a BaseNet state_dict of the older formats ("vars.i")."""
+    return {"net.weights." + key.removeprefix("vars."): value for key, value in net_state.items()}
+
+
+def upgrade_checkpoint_3(contents):
+    contents["theta"] = theta_of_net(contents.pop("net"))
+    return contents
+
+
+def upgrade_model_1(contents):
+    contents["theta"] = theta_of_net(contents.pop("state_dict"))
+    return contents
+
+
+KIND_MARKS = {"checkpoint.pt": "sampler", "model.pt": "param_names"}  # a key that only this kind of file has
+# The older formats still read, by file: {format: (the keys it has, the function that makes it today's)}.
+UPGRADES = {
+    "checkpoint.pt": {3: (("format", "config", "run", "net", "meta_optim", "rng", "sampler", "digest"),
+                          upgrade_checkpoint_3)},
+    "model.pt": {1: (("format", "config", "param_names", "state_dict", "digest"), upgrade_model_1)},
+}
+
+
 def load_with_digest(path, kind, keys, fmt, weights_only, last_readers=None):
-    """torch.load a file written by save_with_digest and check it: its format, keys and digest.
-    kind names the file for messages; last_readers names, for an older format, the last commit that reads it.
-    Raises RunFileError."""
+    """torch.load a file written by save_with_digest and check it: its format, keys and digest; then upgrade
+    an older format (UPGRADES) and complete its config (ADDED_CONFIG). kind names the file for messages;
+    last_readers names, for a format too old to upgrade, the last commit that reads it. Raises RunFileError."""
     try:
         contents = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:  # a truncated zip, random bytes, a foreign pickle: all refused the same way
-        reason = (str(e).strip().splitlines() or [""])[0]
+        if "Weights only load failed" in str(e) and zipfile.is_zipfile(path):  # a torch.save of more than tensors
+            raise RunFileError(f"{path} is not a {kind}: it holds objects that a {kind} never does (a "
+                               f"checkpoint.pt? {kind} is what a run writes when it finishes)") from None
+        reason = re.sub(r"\x1b\[[0-9;]*m", "", (str(e).strip().splitlines() or [""])[0])  # no terminal colours
         raise RunFileError(f"{path} is corrupt or truncated, or not a {kind} ({type(e).__name__}: "
                            f"{reason[:100]})") from None
+    other = next((name for name, mark in KIND_MARKS.items() if name != kind and isinstance(contents, dict)
+                  and mark in contents), None)
+    if other is not None:
+        hint = ("--evaluate it, or give the run's checkpoint.pt" if other == "model.pt"
+                else "a run writes model.pt when it finishes")
+        raise RunFileError(f"{path} is a {other}, not a {kind}: {hint}")
     found_format = contents.get("format") if isinstance(contents, dict) else None
     if found_format in (last_readers or {}):
         raise RunFileError(f"{path} was written by an older maml_omniglot.py (format {found_format}); use it "
                            f"with commit {last_readers[found_format]}, the last that reads it, or move it away")
-    if not isinstance(contents, dict) or contents.get("format") != fmt:
-        found = contents.get("format") if isinstance(contents, dict) else type(contents).__name__
+    upgrades = UPGRADES[kind]
+    if not isinstance(contents, dict) or (found_format != fmt and found_format not in upgrades):
+        found = found_format if isinstance(contents, dict) else type(contents).__name__
         raise RunFileError(f"{path} is corrupt or truncated (not a format-{fmt} file of maml_omniglot.py: "
                            f"format {found!r})")
-    missing = [key for key in keys if key not in contents]
+    expected, upgrade = upgrades.get(found_format, (keys, None))
+    missing = [key for key in expected if key not in contents]
     if missing:
         raise RunFileError(f"{path} is corrupt or truncated (it lacks {', '.join(missing)})")
     saved = contents.pop("digest")
     if digest(contents) != saved:
         raise RunFileError(f"{path} is corrupt or truncated (its contents do not match their SHA-256 digest)")
+    if upgrade is not None:
+        contents = upgrade(contents)
+    contents["config"] = dict(ADDED_CONFIG, **contents["config"])
     return contents
 
 
 def write_checkpoint(path, cfg, state, meta_learner, sampler):
     """The whole training state, CHECKPOINT_KEYS: enough to continue the run exactly."""
     save_with_digest(path, {
-        "format": CHECKPOINT_FORMAT, "config": cfg, "run": state.fields(), "net": meta_learner.net.state_dict(),
+        "format": CHECKPOINT_FORMAT, "config": cfg, "run": state.fields(), "theta": meta_learner.state_dict(),
         "meta_optim": meta_learner.meta_optim.state_dict(), "rng": rng_states(), "sampler": sampler.state_dict()})
 
 
+def restore(checkpoint, meta_learner, sampler):
+    """Put a run back where read_checkpoint's checkpoint left it: θ, Adam's state, the sampler, every RNG.
+    Returns its RunState."""
+    meta_learner.load_state_dict(checkpoint["theta"])
+    meta_learner.meta_optim.load_state_dict(checkpoint["meta_optim"])
+    sampler.load_state_dict(checkpoint["sampler"])
+    set_rng_states(checkpoint["rng"])
+    return RunState(**checkpoint["run"])
+
+
 def read_checkpoint(path):
-    """Read and check a checkpoint: the one reader of what write_checkpoint writes. A checkpoint is a
-    pickle (it holds numpy's RNG state): load only your own. Raises RunFileError."""
+    """Read and check a checkpoint: the one reader of what write_checkpoint writes (of any format it still
+    upgrades). A checkpoint is a pickle (it holds numpy's RNG state): load only your own. Raises RunFileError."""
     return load_with_digest(path, "checkpoint.pt", CHECKPOINT_KEYS, CHECKPOINT_FORMAT, weights_only=False,
                             last_readers=CHECKPOINT_LAST_READERS)
 
 
-def write_model(path, cfg, net):
-    """model.pt: the trained network and the config it was trained with; weights_only-loadable."""
-    save_with_digest(path, {"format": MODEL_FORMAT, "config": cfg, "param_names": list(net.param_names),
-                            "state_dict": net.state_dict()})
+def write_model(path, cfg, meta_learner):
+    """model.pt: θ and the config it was trained with; weights_only-loadable."""
+    save_with_digest(path, {"format": MODEL_FORMAT, "config": cfg, "param_names": list(meta_learner.net.param_names),
+                            "theta": meta_learner.state_dict()})
 
 
 def read_model(path):

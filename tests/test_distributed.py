@@ -74,13 +74,13 @@ def meta_step_in_process(rank, port, folder):
     distributed.join("cpu")
     meta_learner = new_meta_learner(reduce=distributed.average_meta_step)
     loss, accs = meta_learner(*distributed.my_tasks(meta_batch()))
-    seen = {"loss": loss, "accs": accs, "grads": [p.grad for p in meta_learner.net.parameters()]}
-    distributed.check_identical(meta_learner.net.state_dict(), "the meta-parameters")  # the same step everywhere
+    seen = {"loss": loss, "accs": accs, "grads": [p.grad for p in meta_learner.theta()]}
+    distributed.check_identical(meta_learner.state_dict(), "the meta-parameters")  # the same step everywhere
     if rank == 1:
         with torch.no_grad():
-            meta_learner.net.vars[0][0, 0, 0, 0] += 1e-6
+            meta_learner.net.weights[0][0, 0, 0, 0] += 1e-6
     try:
-        distributed.check_identical(meta_learner.net.state_dict(), "the meta-parameters")
+        distributed.check_identical(meta_learner.state_dict(), "the meta-parameters")
     except distributed.DistributedError as e:
         seen["drift"] = str(e)
     torch.save(seen, os.path.join(folder, f"rank{rank}.pt"))
@@ -97,7 +97,7 @@ def test_two_processes_take_the_one_process_meta_step_and_notice_a_drift(tmp_pat
     for seen in ranks:
         # Within float32 rounding: the two processes' meta-gradient (3e-7 off, relatively, here) is nearer the
         # one-process one than that is to the exact gradient (2e-6 off).
-        for shared, one_process, float64 in zip(seen["grads"], meta_learner.net.parameters(), exact.net.parameters()):
+        for shared, one_process, float64 in zip(seen["grads"], meta_learner.theta(), exact.theta()):
             assert (shared - one_process.grad).norm() < (one_process.grad - float64.grad.float()).norm()
         assert seen["loss"] == pytest.approx(loss, rel=1e-6)
         assert seen["accs"] == pytest.approx(accs, abs=1e-6)

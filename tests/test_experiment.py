@@ -214,7 +214,7 @@ def test_nan_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(
     assert f"the last good checkpoint ({out / 'checkpoint.pt'}) is kept" in err
     checkpoint = checkpoint_contents(out)
     assert checkpoint["run"]["iteration"] == 4
-    assert all(torch.isfinite(w).all() for w in checkpoint["net"].values())
+    assert all(torch.isfinite(w).all() for w in checkpoint["theta"].values())
     assert [r["iteration"] for r in log_rows(out)] == ["0", "3", "3"]
     summary = json.loads((out / "summary.json").read_text())  # describes the checkpoint that was kept
     assert summary["status"] == "in progress" and summary["iteration"] == 4 and summary["test"] is None
@@ -234,7 +234,7 @@ def test_an_exploding_inner_rate_never_finishes_with_nan_weights(learnable_omnig
     assert code == 1 and "the meta-gradient is not finite" in capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "in progress" and summary["iteration"] == 0
-    assert all(torch.isfinite(w).all() for w in checkpoint_contents(out)["net"].values())
+    assert all(torch.isfinite(w).all() for w in checkpoint_contents(out)["theta"].values())
     assert not (out / "model.pt").exists()
     assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, out, "--iterations", "1", "--update-lr", "1e15",
                                         "--eval-every", "2", "--checkpoint-every", "1", "--resume")) == 1
@@ -289,7 +289,7 @@ def test_a_bit_flip_in_a_checkpoint_is_refused(finished_run, learnable_omniglot_
     out = tmp_path / "out"
     out.mkdir()
     checkpoint = torch.load(finished_run / "checkpoint.pt", weights_only=False)
-    weight = checkpoint["net"]["vars.0"]
+    weight = checkpoint["theta"]["net.weights.0"]
     weight.view(torch.int32)[0, 0, 0, 0] ^= 1 << 3  # one bit of one weight: still a perfectly loadable file
     torch.save(checkpoint, out / "checkpoint.pt")
     code, err = exit_code_and_stderr(tiny_args(learnable_omniglot_npy, out, "--resume"), capsys)
@@ -437,9 +437,9 @@ def test_a_finished_run_ships_its_weights_loadable_with_weights_only(finished_ru
     summary = json.loads((finished_run / "summary.json").read_text())
     assert model["config"] == summary["config"] and model["format"] == run_files.MODEL_FORMAT
     assert model["param_names"][:3] == ["conv1.weight", "bn1.weight", "bn1.bias"]
-    trained = checkpoint_contents(finished_run)["net"]
-    assert model["state_dict"].keys() == trained.keys()
-    assert all(torch.equal(model["state_dict"][name], trained[name]) for name in trained)
+    trained = checkpoint_contents(finished_run)["theta"]
+    assert model["theta"].keys() == trained.keys()
+    assert all(torch.equal(model["theta"][name], trained[name]) for name in trained)
 
 
 def test_evaluate_repeats_the_runs_test_exactly(finished_run, learnable_omniglot_npy, tmp_path, capsys):
@@ -471,9 +471,9 @@ def write_model_of_another_format(path):
 
 BAD_MODELS = {
     "missing": (lambda path: None, "is not a file: give the model.pt of a finished run"),
-    "a checkpoint": (None, "is corrupt or truncated, or not a model.pt"),
+    "a checkpoint": (None, "is not a model.pt: it holds objects that a model.pt never does (a checkpoint.pt?"),
     "random bytes": (lambda path: path.write_bytes(os.urandom(300)), "is corrupt or truncated, or not a model.pt"),
-    "another format": (write_model_of_another_format, "is corrupt or truncated (not a format-1 file"),
+    "another format": (write_model_of_another_format, "is corrupt or truncated (not a format-2 file"),
 }
 
 

@@ -17,9 +17,9 @@ from omniglot_nshot import random_tasks
 
 def test_basenet_shapes_and_parameter_order():
     net = BaseNet(n_way=7)
-    assert [tuple(p.shape) for p in net.vars][:3] == [(64, 1, 3, 3), (64,), (64,)]
-    assert [tuple(p.shape) for p in net.vars][-2:] == [(7, 64), (7,)]
-    assert len(net.param_names) == len(net.vars) == 14
+    assert [tuple(p.shape) for p in net.weights][:3] == [(64, 1, 3, 3), (64,), (64,)]
+    assert [tuple(p.shape) for p in net.weights][-2:] == [(7, 64), (7,)]
+    assert len(net.param_names) == len(net.weights) == 14
     assert net(torch.rand(10, 1, 28, 28)).shape == (10, 7)
     assert net(torch.rand(3, 10, 1, 28, 28)).shape == (3, 10, 7)
 
@@ -72,7 +72,7 @@ def test_fast_path_matches_the_per_task_loop(n_way, update_lr, update_step, firs
     meta_learner = MetaLearner(n_way=n_way, k_spt=1, update_lr=update_lr, meta_lr=1e-3, update_step=update_step,
                                update_step_test=3, first_order=first_order, batching=batching).to(dtype)
     tasks = random_tasks(2, n_way, 1, 1, torch.Generator().manual_seed(2), dtype=dtype)
-    theta = list(meta_learner.net.parameters())
+    theta = meta_learner.theta()
     rtol = 1e-4 if dtype == torch.float32 else 1e-10
 
     loss, accs = meta_learner.meta_loss(*tasks)
@@ -99,7 +99,7 @@ def test_second_order_meta_gradient_matches_finite_differences():
     """∇θ of the outer loss, computed by autograd through the inner steps, against central finite
     differences of the outer loss as a function of θ, along random directions, in float64."""
     meta_learner, tasks = tiny_float64_problem()
-    theta = list(meta_learner.net.parameters())
+    theta = meta_learner.theta()
     loss, _ = meta_learner.meta_loss(*tasks)
     grads = torch.autograd.grad(loss, theta)
 
@@ -127,12 +127,15 @@ def test_second_order_meta_gradient_matches_finite_differences():
 
 def test_first_order_differs_and_equals_detached_inner_gradients():
     meta_learner, tasks = tiny_float64_problem()
-    theta = list(meta_learner.net.parameters())
+    theta = meta_learner.theta()
     second = torch.autograd.grad(meta_learner.meta_loss(*tasks)[0], theta)
     meta_learner.first_order = True
     first = torch.autograd.grad(meta_learner.meta_loss(*tasks)[0], theta)
-    detached_loss, _ = plain_maml.meta_loss(theta, *tasks, k_spt=1, update_lr=0.4, update_step=2,
-                                           detach_inner_grads=True)
+    # A second way to write first-order MAML: the inner gradients taken with their graph, then detached.
+    autograd_grad = torch.autograd.grad
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.autograd, "grad", lambda *args, **kwargs: [g.detach() for g in autograd_grad(*args, **kwargs)])
+        detached_loss, _ = plain_maml.meta_loss(theta, *tasks, k_spt=1, update_lr=0.4, update_step=2)
     detached = torch.autograd.grad(detached_loss, theta)
 
     for f, d in zip(first, detached):
@@ -160,7 +163,7 @@ def test_inner_loss_is_n_times_mean_cross_entropy(n_way, k_spt):
 def test_finetunning_keeps_meta_parameters_and_starts_from_them():
     torch.manual_seed(7)
     meta_learner = MetaLearner(n_way=5, k_spt=1, update_lr=0.4, meta_lr=1e-3, update_step=1, update_step_test=3)
-    before = [p.detach().clone() for p in meta_learner.net.parameters()]
+    before = [p.detach().clone() for p in meta_learner.theta()]
     x_spt, y_spt, x_qry, y_qry = random_tasks(6, 5, 1, 3, torch.Generator().manual_seed(8))
 
     per_task = meta_learner.finetunning(x_spt, y_spt, x_qry, y_qry, per_task=True)
@@ -171,7 +174,7 @@ def test_finetunning_keeps_meta_parameters_and_starts_from_them():
     with torch.no_grad():
         unadapted = (meta_learner.net(x_qry).argmax(-1) == y_qry).float().mean(1).numpy()
     np.testing.assert_array_equal(per_task[:, 0], unadapted)
-    for p, b in zip(meta_learner.net.parameters(), before):
+    for p, b in zip(meta_learner.theta(), before):
         assert torch.equal(p, b)
         assert p.grad is None
 
@@ -179,11 +182,11 @@ def test_finetunning_keeps_meta_parameters_and_starts_from_them():
 def test_forward_takes_an_adam_step_and_reports_step_accuracies():
     torch.manual_seed(9)
     meta_learner = MetaLearner(n_way=5, k_spt=1, update_lr=0.4, meta_lr=1e-3, update_step=2, update_step_test=3)
-    before = [p.detach().clone() for p in meta_learner.net.parameters()]
+    before = [p.detach().clone() for p in meta_learner.theta()]
     loss, accs = meta_learner(*random_tasks(4, 5, 1, 1, torch.Generator().manual_seed(10)))
     assert accs.shape == (3,) and np.all((0 <= accs) & (accs <= 1))
     assert isinstance(loss, float) and np.isfinite(loss)
-    assert all(not torch.equal(p, b) for p, b in zip(meta_learner.net.parameters(), before))
+    assert all(not torch.equal(p, b) for p, b in zip(meta_learner.theta(), before))
 
 
 def test_a_non_finite_meta_gradient_is_never_stepped_into():
@@ -191,10 +194,10 @@ def test_a_non_finite_meta_gradient_is_never_stepped_into():
     step reports could still look finite. The step must refuse before Adam touches θ or its own state."""
     torch.manual_seed(9)
     meta_learner = MetaLearner(n_way=5, k_spt=1, update_lr=1e15, meta_lr=1e-3, update_step=1, update_step_test=1)
-    before = [p.detach().clone() for p in meta_learner.net.parameters()]
+    before = [p.detach().clone() for p in meta_learner.theta()]
     with pytest.raises(NonFiniteError, match="meta-gradient is not finite"):
         meta_learner(*random_tasks(2, 5, 1, 1, torch.Generator().manual_seed(10)))
-    assert all(torch.equal(p, b) for p, b in zip(meta_learner.net.parameters(), before))
+    assert all(torch.equal(p, b) for p, b in zip(meta_learner.theta(), before))
     assert meta_learner.meta_optim.state_dict()["state"] == {}  # Adam never stepped
 
 
@@ -254,7 +257,7 @@ def learner_and_copies(copies, **kwargs):
 
 def tensors_of(meta_learner):
     """θ and Adam's state, copied: everything a meta-step changes and the next one reads."""
-    theta = list(meta_learner.net.parameters())
+    theta = meta_learner.theta()
     state = meta_learner.meta_optim.state
     return [t.detach().clone() for p in theta for t in [p, *state.get(p, {}).values()]]
 
@@ -284,7 +287,7 @@ def test_step_tensors_is_the_unguarded_meta_step_bit_for_bit(batching):
         assert forward_loss == expected_loss.item() and np.array_equal(forward_accs, expected_accs.numpy())
         assert all_equal(tensors_of(guarded), tensors_of(plain))
         assert all_equal(tensors_of(forwarded), tensors_of(plain))
-        assert all(torch.equal(p.grad, q.grad) for p, q in zip(guarded.net.parameters(), plain.net.parameters()))
+        assert all(torch.equal(p.grad, q.grad) for p, q in zip(guarded.theta(), plain.theta()))
 
 
 def test_a_refused_step_leaves_theta_and_adam_state_as_they_were():
@@ -328,7 +331,7 @@ def test_an_adam_state_saved_on_cuda_continues_on_the_cpu():
     saved_on_cuda = copy.deepcopy(state)
     for group in saved_on_cuda["param_groups"]:
         group["capturable"] = True
-    from_cuda.net.load_state_dict(meta_learner.net.state_dict())
+    from_cuda.load_state_dict(meta_learner.state_dict())
     from_cuda.meta_optim.load_state_dict(saved_on_cuda)
     (loss, accs), (expected_loss, expected_accs) = from_cuda(*second), meta_learner(*second)
     assert loss == expected_loss and np.array_equal(accs, expected_accs)
