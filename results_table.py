@@ -78,6 +78,7 @@ TEXT = ("a string", lambda v: isinstance(v, str))
 OPTIONAL_TEXT = ("a string or null", lambda v: v is None or isinstance(v, str))
 OBJECTS = ("a non-empty list of objects", lambda v: isinstance(v, list) and v != [] and
            all(isinstance(x, dict) for x in v))
+OBJECT = ("an object", lambda v: isinstance(v, dict))
 OPTIONAL_OBJECT = ("an object or null", lambda v: v is None or isinstance(v, dict))
 SUMMARY_KEYS = {"iteration": NUMBER, "config.setting": TEXT, "config.seed": NUMBER, "config.iterations": NUMBER,
                 "segments": OBJECTS, "wall_time_s": NUMBER}
@@ -85,7 +86,7 @@ FINISHED_KEYS = {"test.accs": NUMBERS, "test.ci95": NUMBERS, "test.tasks": NUMBE
 IN_PROGRESS_KEYS = {"last_validation": OPTIONAL_OBJECT}
 VALIDATION_KEYS = {"last_validation.iteration": NUMBER, "last_validation.accs": NUMBERS,
                    "last_validation.ci95": NUMBERS}
-SEGMENT_KEYS = {"device.type": TEXT, "device.name": TEXT, "git.commit": OPTIONAL_TEXT}
+SEGMENT_KEYS = {"device": OBJECT, "device.type": TEXT, "device.name": TEXT, "git.commit": OPTIONAL_TEXT}
 
 
 def require(record, keys, path, prefix=""):
@@ -119,8 +120,11 @@ def load_summary(path):
     if status == "in progress" and summary["last_validation"] is not None:
         require(summary, VALIDATION_KEYS, path)
     for number, segment in enumerate(summary["segments"]):
-        cpu_keys = {"device.cpu_threads": NUMBER} if segment.get("device", {}).get("type") == "cpu" else {}
-        require(segment, SEGMENT_KEYS | cpu_keys, path, prefix=f"segments[{number}].")
+        require(segment, SEGMENT_KEYS, path, prefix=f"segments[{number}].")
+        device_keys = {"device.cpu_threads": NUMBER} if segment["device"]["type"] == "cpu" else {}
+        if "processes" in segment["device"]:  # torchrun's (distributed.py); older segments lack it: one process
+            device_keys["device.processes"] = NUMBER
+        require(segment, device_keys, path, prefix=f"segments[{number}].")
     return summary
 
 
@@ -157,7 +161,7 @@ def describe(summary):
         device = segment["device"]["name"]
         if segment["device"]["type"] == "cpu":
             device += f", {segment['device']['cpu_threads']} threads"
-        processes = segment["device"].get("processes", 1)  # torchrun's (distributed.py); older segments: one
+        processes = segment["device"].get("processes", 1)
         if processes > 1:
             device += f" x {processes} processes"
         devices.append(device)

@@ -246,9 +246,13 @@ MALFORMED = {  # case: (summary.json's text or a change to summary(), what the l
     "test is null": (lambda s: s.update(test=None), 'lacks "test.accs"'),
     "no seed": (drop("config.seed"), 'lacks "config.seed"'),
     "no wall time": (drop("wall_time_s"), 'lacks "wall_time_s"'),
-    "segment without device": (lambda s: s["segments"][0].pop("device"), 'lacks "segments[0].device.type"'),
+    "segment without device": (lambda s: s["segments"][0].pop("device"), 'lacks "segments[0].device",'),
     "segment without threads": (lambda s: s["segments"][0]["device"].pop("cpu_threads"),
                                 'lacks "segments[0].device.cpu_threads"'),
+    "segment device not an object": (lambda s: s["segments"][0].update(device="cpu"),
+                                     "\"segments[0].device\" is 'cpu', not an object"),
+    "processes not a number": (lambda s: s["segments"][0]["device"].update(processes="2"),
+                               "\"segments[0].device.processes\" is '2', not a number"),
 }
 
 
