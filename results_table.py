@@ -1,7 +1,7 @@
 """Write the README's results table from results/*/summary.json, and publish finished runs into results/.
 
     python results_table.py                    # rewrite the table between the markers in README.md
-    python results_table.py --check            # exit 1 if README.md's table is not what results/ says
+    python results_table.py --check            # exit 1 if README.md's table is not what results/ says, else one line
     python results_table.py --publish RUN_DIR [--as NAME] [--without-weights]
                                                # copy the finished run in RUN_DIR to results/NAME/, rewrite the table
 
@@ -20,7 +20,7 @@ without. So is a destination that holds anything but an unfinished run, which th
 The files go into a hidden folder beside the destination and are renamed into place, so a failure leaves
 results/ as it was.
 
-Exit codes: 0 done; 1 --check found the table out of date; 2 bad input (a summary.json that is not JSON
+Exit codes: 0 done; 1 --check found the table out of date; 2 bad input (a bad flag, a summary.json that is not JSON
 or lacks a key the table needs, a README.md without the markers) or a refused --publish, told in one
 line on stderr that names the file or value and the fix, with nothing written.
 """
@@ -52,6 +52,13 @@ REGENERATE = "regenerate it with today's maml_omniglot.py (rerun its command)"
 
 class BadInput(Exception):
     """A file or value this script cannot use; the message names it and the fix (exit code 2)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line on stderr (no usage dump) and exit code 2, as in maml_omniglot.py."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def shown(path):
@@ -330,7 +337,7 @@ def publish(run_dir, name=None, without_weights=False):
 
 def main(argv=None):
     """The command line (see the module docstring); exits 1 on a stale --check and 2 on bad input."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="results_table.py", description=__doc__.split("\n\n")[0])
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--check", action="store_true", help="only check that README.md is up to date")
     action.add_argument("--publish", metavar="RUN_DIR", type=Path,
@@ -350,12 +357,13 @@ def main(argv=None):
             if (ROOT / "in-progress" / dest.name).exists():
                 print(f"note: results/{dest.name} has finished: git rm -r in-progress/{dest.name} (its checkpoint)")
             return
-        readme = read_readme()
-        updated = with_table(readme, table())
+        readme, runs = read_readme(), load_runs()
+        updated = with_table(readme, table(runs))
         if args.check:
             if updated != readme:
                 print("error: README.md's results table is out of date: run python results_table.py", file=sys.stderr)
                 sys.exit(1)
+            print(f"README.md's results table is up to date with results/*/summary.json ({', '.join(runs) or 'none'})")
             return
         try:
             write_text(ROOT / "README.md.tmp", updated)

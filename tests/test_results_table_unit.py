@@ -306,13 +306,15 @@ def test_a_readme_without_markers_or_unreadable_is_one_line_and_exit_2(readme, m
         assert snapshot(root) == before
 
 
-def test_check_exits_1_on_a_stale_table_and_0_once_rewritten(root, capsys):
+def test_check_exits_1_on_a_stale_table_and_0_once_rewritten_saying_what_it_checked(root, capsys):
     write_run(root / "results" / "5w1s", summary(status="in progress"))
+    write_run(root / "results" / "5w1s-seed1", summary(seed=1))
     code, _, err = run_main(["--check"], capsys)
     assert code == 1 and "README.md's results table is out of date" in err
     assert run_main([], capsys)[0] == 0
-    assert run_main(["--check"], capsys)[0] == 0
-    assert not (root / "README.md.tmp").exists()
+    assert run_main(["--check"], capsys) == (
+        0, "README.md's results table is up to date with results/*/summary.json (5w1s, 5w1s-seed1)\n", "")
+    assert sorted(path.name for path in root.iterdir()) == ["README.md", "results"]  # no temporary file left
 
 
 def test_an_unfinished_run_without_a_validation_yet_says_so():
@@ -335,7 +337,12 @@ def test_a_publish_killed_midway_leaves_a_hidden_folder_that_is_no_run(root):
     assert "| 5w1s | 98.7 ± 0.4 % | not run yet |" in table and ".5w1s" not in table
 
 
-def test_as_and_without_weights_need_publish(root, capsys):
-    for argv in (["--as", "x"], ["--without-weights"], ["--check", "--publish", "runs/5w1s"]):
-        code, _, err = run_main(argv, capsys)
-        assert code == 2 and err.startswith("usage: ")
+@pytest.mark.parametrize("argv, message", [
+    (["--as", "x"], "--as and --without-weights go with --publish RUN_DIR"),
+    (["--without-weights"], "--as and --without-weights go with --publish RUN_DIR"),
+    (["--check", "--publish", "runs/5w1s"], "argument --publish: not allowed with argument --check"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--publish"], "argument --publish: expected one argument"),
+])
+def test_a_bad_flag_is_one_line_and_exit_2(argv, message, root, capsys):
+    assert run_main(argv, capsys) == (2, "", f"results_table.py: error: {message}\n")
