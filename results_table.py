@@ -34,6 +34,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from run_files import RunFileError, atomic_write
+
 ROOT = Path(__file__).resolve().parent  # the repository: README.md and results/ (tests point it elsewhere)
 BEGIN, END = "<!-- results table: begin (python results_table.py) -->", "<!-- results table: end -->"
 PAPER = {  # Finn et al. 2017, Table 1, Omniglot, MAML (second order)
@@ -252,14 +254,6 @@ def with_table(readme, text):
     return f"{head}{BEGIN}\n{text}\n{END}{tail}"
 
 
-def write_text(path, text):
-    """Write text to path (a temporary name), BadInput (naming path) if that fails."""
-    try:
-        path.write_text(text, encoding="utf-8")
-    except OSError as error:
-        raise BadInput(f"cannot write {path}: {why(error)}") from None
-
-
 def check_destination(run_dir, dest):
     """Refuse (BadInput) to publish over dest unless it is absent or holds an unfinished run."""
     if not dest.exists():
@@ -277,11 +271,11 @@ def publish(run_dir, name=None, without_weights=False):
     """Copy the finished run in run_dir to results/<name>/ (name: run_dir's folder name by default), rewrite
     README.md's table, and return results/<name>.
 
-    Everything that can be refused (BadInput) is checked, and README.md's new text written to README.md.tmp,
-    before results/ is touched: the files are copied into results/.<name>.<pid>.tmp, which is then renamed
-    to results/<name> (an unfinished run there is first renamed aside, and deleted once the new one is in
-    place), and README.md.tmp replaces README.md. If a copy or rename fails, the temporary folder is removed
-    and an unfinished run that was there is renamed back.
+    Everything that can be refused (BadInput) is checked before results/ is touched. The files are copied
+    into results/.<name>.<pid>.tmp, which is then renamed to results/<name> (an unfinished run there is
+    first renamed aside, and deleted once the new one is in place), and README.md is rewritten atomically.
+    If a copy, a rename or README.md's write fails, the new folder is taken back out and removed, and an
+    unfinished run that was there is renamed back.
     """
     run_dir = Path(run_dir)
     name = name or run_dir.resolve().name
@@ -309,29 +303,27 @@ def publish(run_dir, name=None, without_weights=False):
     readme = read_readme()
     runs = load_runs()
     runs[name] = summary
-    readme_tmp, tmp = ROOT / "README.md.tmp", results / f".{name}.{os.getpid()}.tmp"
-    old = results / f".{name}.{os.getpid()}.old.tmp"
+    text = with_table(readme, table(runs)).encode()
+    tmp, old = results / f".{name}.{os.getpid()}.tmp", results / f".{name}.{os.getpid()}.old.tmp"
     try:
-        write_text(readme_tmp, with_table(readme, table(runs)))
+        tmp.mkdir(parents=True)
+        for file in files:
+            shutil.copyfile(run_dir / file, tmp / file)
+        if dest.exists():
+            os.rename(dest, old)
+        os.rename(tmp, dest)
         try:
-            tmp.mkdir(parents=True)
-            for file in files:
-                shutil.copyfile(run_dir / file, tmp / file)
-            if dest.exists():
-                os.rename(dest, old)
-            try:
-                os.rename(tmp, dest)
-            except OSError:
-                if old.exists():
-                    os.rename(old, dest)
-                raise
-        except OSError as error:
-            raise BadInput(f"cannot publish {run_dir} as {shown(dest)}: {why(error)}; results/ is as it was") from None
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(readme_tmp, ROOT / "README.md")
+            atomic_write(ROOT / "README.md", text)
+        except RunFileError:
+            os.rename(dest, tmp)
+            raise
+    except (OSError, RunFileError) as error:
+        if old.exists():
+            os.rename(old, dest)
+        raise BadInput(f"cannot publish {run_dir} as {shown(dest)}: {why(error)}; results/ is as it was") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        readme_tmp.unlink(missing_ok=True)
+    shutil.rmtree(old, ignore_errors=True)
     return dest
 
 
@@ -366,10 +358,9 @@ def main(argv=None):
             print(f"README.md's results table is up to date with results/*/summary.json ({', '.join(runs) or 'none'})")
             return
         try:
-            write_text(ROOT / "README.md.tmp", updated)
-            os.replace(ROOT / "README.md.tmp", ROOT / "README.md")
-        finally:
-            (ROOT / "README.md.tmp").unlink(missing_ok=True)
+            atomic_write(ROOT / "README.md", updated.encode())
+        except RunFileError as error:
+            raise BadInput(str(error)) from None
     except BadInput as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -9,6 +9,7 @@ import math
 import pytest
 
 import results_table
+import run_files
 
 README = f"# project\n\n{results_table.BEGIN}\nold table\n{results_table.END}\n\nafter the table\n"
 
@@ -222,6 +223,22 @@ def test_a_failed_rename_puts_the_unfinished_run_back(root, tmp_path, capsys, mo
     code, _, err = run_main(["--publish", str(run_dir)], capsys)
     assert code == 2 and "Input/output error" in err
     assert snapshot(root) == before
+
+
+def test_a_readme_that_cannot_be_written_takes_the_published_run_back_out(root, tmp_path, capsys, monkeypatch):
+    write_run(root / "results" / "5w1s", summary(status="in progress"))
+    run_dir = write_run(tmp_path / "runs" / "5w1s", summary())
+
+    def full_disk(path, data):
+        raise run_files.RunFileError(f"cannot write {path}: No space left on device")
+
+    monkeypatch.setattr(results_table, "atomic_write", full_disk)
+    before = snapshot(root)
+    for argv in (["--publish", str(run_dir)], []):
+        code, _, err = run_main(argv, capsys)
+        assert code == 2 and err.count("\n") == 1 and "README.md: No space left on device" in err
+        assert snapshot(root) == before
+    assert sorted(path.name for path in (root / "results").iterdir()) == ["5w1s"]
 
 
 def drop(key):
