@@ -16,8 +16,9 @@ progress do not count, and of two runs with the same seed only the first in the 
 --publish copies summary.json, log.csv, curves.png and model.pt (the trained weights) of a run whose
 summary.json says "finished" into results/NAME/ (NAME: RUN_DIR's folder name unless --as gives one),
 then rewrites the table. A run without model.pt is refused unless --without-weights says to publish it
-without. So is a destination that holds anything but an unfinished run, which the finished one replaces.
-The files go into a hidden folder beside the destination and are renamed into place, so a failure leaves
+without. So is a destination that holds anything but an unfinished run, which the finished one replaces,
+and a log.csv or model.pt that does not read back as --plot-only and --evaluate read them (a malformed row,
+a digest that does not match). The files go into a hidden folder beside the destination and are renamed into place, so a failure leaves
 results/ as it was.
 
 Exit codes: 0 done; 1 --check found the table out of date; 2 bad input (a bad flag, a summary.json that is not JSON
@@ -26,6 +27,7 @@ line on stderr that names the file or value and the fix, with nothing written.
 """
 
 import argparse
+import csv
 import json
 import os
 import reprlib
@@ -34,7 +36,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from run_files import RunFileError, atomic_write
+from curves import parse_log
+from run_files import FILES, RunFileError, atomic_write, read_log, read_model
 
 ROOT = Path(__file__).resolve().parent  # the repository: README.md and results/ (tests point it elsewhere)
 BEGIN, END = "<!-- results table: begin (python results_table.py) -->", "<!-- results table: end -->"
@@ -254,6 +257,18 @@ def with_table(readme, text):
     return f"{head}{BEGIN}\n{text}\n{END}{tail}"
 
 
+def read_run_log(folder):
+    """The curves.Log of folder/log.csv, read and parsed as --plot-only does; BadInput if it cannot be read or
+    is not such a log."""
+    path = Path(folder) / FILES["log"]
+    try:
+        return parse_log(read_log(path))
+    except OSError as error:
+        raise BadInput(f"cannot read {shown(path)}: {why(error)}") from None
+    except (csv.Error, ValueError) as error:  # a UnicodeDecodeError is a ValueError
+        raise BadInput(f"{shown(path)} is not a log.csv of maml_omniglot.py ({error})") from None
+
+
 def check_destination(run_dir, dest):
     """Refuse (BadInput) to publish over dest unless it is absent or holds an unfinished run."""
     if not dest.exists():
@@ -297,6 +312,12 @@ def publish(run_dir, name=None, without_weights=False):
     if missing:
         raise BadInput(f"{run_dir} lacks {', '.join(missing)}: a finished run of maml_omniglot.py writes them "
                        f"(python maml_omniglot.py --plot-only {run_dir} redraws curves.png)")
+    read_run_log(run_dir)  # as --plot-only and --evaluate would read them
+    if "model.pt" in files:
+        try:
+            read_model(run_dir / FILES["model"])
+        except RunFileError as error:
+            raise BadInput(str(error)) from None
     results = ROOT / "results"
     dest = results / name
     check_destination(run_dir, dest)

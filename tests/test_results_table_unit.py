@@ -5,12 +5,15 @@ results/ of summaries made by summary() below, so nothing here reads or writes t
 """
 import json
 import math
+import random
+from pathlib import Path
 
 import pytest
 
 import results_table
 import run_files
 
+REFERENCE = Path(__file__).resolve().parents[1] / "results" / "5w1s-cpu-reference"
 README = f"# project\n\n{results_table.BEGIN}\nold table\n{results_table.END}\n\nafter the table\n"
 
 
@@ -42,12 +45,21 @@ def summary(setting="5w1s", seed=0, acc=0.99, status="finished", **config):
 
 
 def write_run(folder, run_summary, files=("log.csv", "curves.png", "model.pt")):
-    """folder/summary.json holding run_summary, and each of files with content that names it."""
+    """folder/summary.json holding run_summary, and each of files: log.csv and model.pt the committed reference
+    run's (--publish reads them), any other file with content that names it."""
     folder.mkdir(parents=True)
     (folder / "summary.json").write_text(json.dumps(run_summary, indent=2))
     for file in files:
-        (folder / file).write_bytes(f"{folder.name}/{file}".encode())
+        real = REFERENCE / file if file in ("log.csv", "model.pt") else None
+        (folder / file).write_bytes(real.read_bytes() if real else f"{folder.name}/{file}".encode())
     return folder
+
+
+def flip_a_byte(path):
+    """Flip the bits of the byte in the middle of path (in model.pt: inside the weights)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
 
 
 @pytest.fixture
@@ -165,6 +177,9 @@ REFUSALS = {  # case: (what to do to the run folder or the results, what the lin
     "finished destination": ("finished destination", "already holds a finished run; choose another name with --as"),
     "foreign destination": ("foreign destination", "already holds no summary.json; choose another name with --as"),
     "bad name": ("bad name", "--as '../x' is not a folder name for results/"),
+    "weights with a flipped byte": ("flipped weights", "model.pt is corrupt or truncated"),
+    "a log of random bytes": ("random log", "log.csv is not a log.csv of maml_omniglot.py"),
+    "a log with a short row": ("short row", "log.csv is not a log.csv of maml_omniglot.py (row 3 has fewer fields"),
 }
 
 
@@ -175,6 +190,14 @@ def test_publish_refuses_in_one_line_with_exit_2_and_changes_nothing(case, root,
     run_dir = write_run(tmp_path / "runs" / "5w1s", summary(status=status))
     if damage in ("summary.json", "model.pt", "curves.png"):
         (run_dir / damage).unlink()
+    if damage == "flipped weights":
+        flip_a_byte(run_dir / "model.pt")
+    if damage == "random log":
+        (run_dir / "log.csv").write_bytes(random.Random(0).randbytes(3000))
+    if damage == "short row":
+        lines = (run_dir / "log.csv").read_text().splitlines(keepends=True)
+        lines[3] = lines[3][:20] + "\n"
+        (run_dir / "log.csv").write_text("".join(lines))
     if damage == "finished destination":
         write_run(root / "results" / "5w1s", summary(acc=0.5))
     if damage == "foreign destination":
