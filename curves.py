@@ -14,6 +14,9 @@ readable as the early phase of a short one (errors ~15-50 %). An error of 0 and 
 interval that reaches 0 or below have no place on a log axis: they are drawn at the bottom edge, which
 sits a little below the smallest positive error.
 
+comparison_png overlays two runs' validation curves after one number of inner steps on the same two axes,
+accuracy above and error on a log scale below (results_table.py --compare).
+
 This module is the project's one place for matplotlib, and it draws through matplotlib.figure.Figure
 alone: no pyplot, so no backend has to be chosen first and no global figure state is touched.
 """
@@ -177,6 +180,26 @@ def curves_figure(log, title):
     if labels:  # none in a log that holds only a test row
         fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize="small")
     return fig
+
+
+def comparison_png(logs, step, title):
+    """Two runs' validation after step inner steps, overlaid, as a PNG's bytes: the query accuracy (%) above,
+    the error on a log scale below, each with its 95% band, over the meta-iterations. logs: [(label, Log)],
+    the run compared (blue) and the published run it is compared with (black, dashed). title: the figure's."""
+    styles = (dict(color="C0"), dict(color="black", linestyle="--"))
+    floor = error_floor([100 - acc for _, log in logs for acc in log.val[step][1]])
+    fig = Figure(figsize=(WIDTH_WITHOUT_TEST, HEIGHT), dpi=DPI, layout="constrained")
+    grid = fig.add_gridspec(2, 1, height_ratios=[1, 1.3])
+    acc_ax = fig.add_subplot(grid[0, 0])
+    err_ax = fig.add_subplot(grid[1, 0], sharex=acc_ax)
+    for (label, log), style in zip(logs, styles):
+        draw_validation(acc_ax, err_ax, log.val[step], floor, label, **style)
+    iteration_axes(acc_ax, err_ax, floor)
+    acc_ax.set_title(f"validation after {step} inner step{'s' * (step != 1)} (band: 95% interval)")
+    fig.suptitle(title, fontsize="medium", wrap=True)
+    handles, labels = acc_ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize="small")
+    return png(fig)
 
 
 def draw_validation(acc_ax, err_ax, series, floor, label, **style):

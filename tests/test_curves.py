@@ -115,6 +115,13 @@ def test_a_short_run_has_whole_meta_iterations_on_its_axis():
         assert len(ticks) >= 2 and all(tick == int(tick) for tick in ticks), ticks
 
 
+def test_a_comparison_overlays_two_runs_validation():
+    reference, run = curves.parse_log(finished_log()), curves.parse_log(unfinished_log())
+    img = image(curves.comparison_png([("run", run), ("published", reference)], 3, "run against published"))
+    assert img.size == (900, 1020)  # 7.5 x 8.5 inches: the accuracy above, the error below
+    assert (31, 119, 180) in {color for _, color in img.getcolors(img.width * img.height)}  # the run's line, "C0"
+
+
 def csv_rows(text):
     """The rows of a log.csv's text, as run_files.read_log gives them."""
     return list(csv.DictReader(io.StringIO(text)))
