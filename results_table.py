@@ -1,9 +1,12 @@
-"""Write the README's results table from results/*/summary.json, and publish finished runs into results/.
+"""Write the README's results table from results/*/summary.json, publish finished runs into results/, and
+compare a run with a published one.
 
     python results_table.py                    # rewrite the table between the markers in README.md
     python results_table.py --check            # exit 1 if README.md's table is not what results/ says, else one line
     python results_table.py --publish RUN_DIR [--as NAME] [--without-weights]
                                                # copy the finished run in RUN_DIR to results/NAME/, rewrite the table
+    python results_table.py --compare RUN_DIR --against NAME_OR_DIR [--figure PATH]
+                                               # the run's validation against a published run's: exit 1 if it fails
 
 Our numbers come only from summary.json files that maml_omniglot.py wrote; a paper setting with no
 run in results/<setting>/ says so. Runs in other folders (more seeds, short reference runs) get rows of
@@ -17,18 +20,25 @@ progress do not count, and of two runs with the same seed only the first in the 
 summary.json says "finished" into results/NAME/ (NAME: RUN_DIR's folder name unless --as gives one),
 then rewrites the table. A run without model.pt is refused unless --without-weights says to publish it
 without. So is a destination that holds anything but an unfinished run, which the finished one replaces,
-and a log.csv or model.pt that does not read back as --plot-only and --evaluate read them (a malformed row,
-a digest that does not match). The files go into a hidden folder beside the destination and are renamed into place, so a failure leaves
-results/ as it was.
+and a log.csv or model.pt that does not read back as --plot-only and --evaluate read them (a malformed
+row, a digest that does not match). The files go into a hidden folder beside the destination and are
+renamed into place, so a failure leaves results/ as it was.
 
-Exit codes: 0 done; 1 --check found the table out of date; 2 bad input (a bad flag, a summary.json that is not JSON
-or lacks a key the table needs, a README.md without the markers) or a refused --publish, told in one
-line on stderr that names the file or value and the fix, with nothing written.
+--compare, the regression check for any run, finished or not: per validation point and number of inner
+steps, both accuracies, their difference and its 95% interval, then a one-line verdict by the regression
+rule (regression_verdict, which tests/test_regression.py applies too), and an overlay figure of both
+validation curves (compare's docstring says more).
+
+Exit codes: 0 done (--compare: the run passes); 1 --check found the table out of date, or --compare's run
+fails the rule; 2 bad input (a bad flag, a summary.json that is not JSON or lacks a key the table needs, a
+README.md without the markers, a log.csv that cannot be read) or a refused --publish, told in one line on
+stderr that names the file or value and the fix, with nothing written.
 """
 
 import argparse
 import csv
 import json
+import math
 import os
 import reprlib
 import shutil
@@ -36,7 +46,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from curves import parse_log
+from curves import comparison_png, parse_log
 from run_files import FILES, RunFileError, atomic_write, read_log, read_model
 
 ROOT = Path(__file__).resolve().parent  # the repository: README.md and results/ (tests point it elsewhere)
@@ -53,6 +63,10 @@ PAPER_ITERATIONS = 60_000
 NOT_HYPERPARAMETERS = ("seed", "out", "data", "device", "checkpoint_every")
 PUBLISHED_FILES = ("summary.json", "log.csv", "curves.png", "model.pt")
 REGENERATE = "regenerate it with today's maml_omniglot.py (rerun its command)"
+# The regression rule (regression_verdict): the largest difference allowed at any validation point, and over the
+# whole curve on average, as fractions.
+TOLERANCE = 0.08
+MEAN_TOLERANCE = 0.04
 
 
 class BadInput(Exception):
@@ -348,6 +362,99 @@ def publish(run_dir, name=None, without_weights=False):
     return dest
 
 
+def regression_verdict(measured, expected):
+    """The regression rule. measured, expected: validation curves, {iteration: accuracy after update_step_test
+    inner steps, as a fraction}, compared at the iterations both have (at least one). It holds when
+
+        |measured[i] − expected[i]| ≤ TOLERANCE at every such iteration i, and their mean ≤ MEAN_TOLERANCE.
+
+    With 320 validation tasks of 5 query drawings one point's standard error is about 1 percentage point;
+    the README's "Regression check" says how the tolerances were checked. Returns (whether it holds, a line
+    with the largest and the mean difference and both tolerances)."""
+    differences = {i: abs(measured[i] - expected[i]) for i in sorted(measured.keys() & expected.keys())}
+    worst = max(differences, key=differences.get)
+    mean = sum(differences.values()) / len(differences)
+    passed = differences[worst] <= TOLERANCE and mean <= MEAN_TOLERANCE
+    return passed, (f"largest difference {100 * differences[worst]:.1f} points at iteration {worst:,} (tolerance "
+                    f"{100 * TOLERANCE:g}), mean {100 * mean:.1f} (tolerance {100 * MEAN_TOLERANCE:g}) over "
+                    f"{len(differences)} validation point{'s' * (len(differences) != 1)}")
+
+
+def published_folder(name):
+    """results/<name> where name is the name of a folder there, else name as a folder of its own."""
+    folder = ROOT / "results" / name
+    return folder if name == Path(name).name and not name.startswith(".") and folder.is_dir() else Path(name)
+
+
+def validation(log, step):
+    """{iteration: (accuracy %, 95% half-width %)} of a curves.Log's val rows after step inner steps."""
+    iterations, accs, ci = log.val[step]
+    return dict(zip(iterations, zip(accs, ci)))
+
+
+def compare(run_dir, against, figure=None):
+    """Compare the run in run_dir, finished or not, with the published run against (the name of a folder in
+    results/, or any run's folder): print the comparison, write the overlay figure, return the verdict (bool).
+
+    Printed: for every validation point both logs have and every number of inner steps s, both accuracies,
+    their difference d = run − published, and the 95% interval of d, ± √(ci_run² + ci_published²) from the
+    logs' ci95 columns (the two validations are independent samples of tasks); then, in one line, the verdict
+    of regression_verdict on the curves after the last step (update_step_test). An unfinished run is compared
+    on the points it has. The figure (curves.comparison_png) goes to figure, by default to
+    runs/compare-<run>-vs-<published>.png: never into a run's folder. BadInput when a folder or log cannot be
+    read, when the logs validate after different numbers of steps, or when they have no validation point in
+    common.
+    """
+    run_dir, published = Path(run_dir), published_folder(against)
+    if not run_dir.is_dir():
+        raise BadInput(f"--compare {run_dir}: no such folder: give a run's folder (its --out)")
+    if not published.is_dir():
+        raise BadInput(f"--against {against}: neither results/{against} nor {against} is a folder: give the name of "
+                       "a folder in results/ or a run's folder")
+    names = shown(run_dir), shown(published)
+    run, reference = read_run_log(run_dir), read_run_log(published)
+    for name, log in zip(names, (run, reference)):
+        if log.final_step() is None:
+            raise BadInput(f"{name}/log.csv has no validation row yet: there is nothing to compare")
+    step = reference.final_step()
+    if run.final_step() != step:
+        raise BadInput(f"{names[0]} validates after up to {run.final_step()} inner steps, {names[1]} after {step}: "
+                       "compare runs of one setting")
+    ours, theirs = validation(run, step), validation(reference, step)
+    common = sorted(ours.keys() & theirs.keys())
+    if not common:
+        raise BadInput(f"{names[0]} and {names[1]} have no validation point in common: one validates at iterations "
+                       f"{reprlib.repr(sorted(ours))}, the other at {reprlib.repr(sorted(theirs))}")
+    passed, detail = regression_verdict({i: ours[i][0] / 100 for i in common}, {i: theirs[i][0] / 100 for i in common})
+    if len(common) < len(theirs):
+        detail += f" of the published {len(theirs)}"
+    word, title = "pass" if passed else "FAIL", f"{names[0]} against {names[1]} (published)"
+
+    labels = str(names[0]), f"{names[1]} (published)"
+    png = comparison_png(list(zip(labels, (run, reference))), step, f"{title}\n{word}: {detail}")
+    try:
+        if figure is None:
+            figure = ROOT / "runs" / f"compare-{run_dir.resolve().name}-vs-{published.resolve().name}.png"
+            figure.parent.mkdir(exist_ok=True)
+        atomic_write(figure, png)
+    except (OSError, RunFileError) as error:
+        raise BadInput(f"cannot write the figure {figure}: {why(error)}") from None
+
+    print(f"{title}: validation accuracy (%) at each point both have, after s inner steps; d = run − published, "
+          "± its 95% interval")
+    print(f"{'iteration':>9} {'s':>2} {'run':>6} {'published':>9}  d ± 95% interval")
+    steps = [s for s in run.steps if s in reference.steps]
+    pairs = {s: (validation(run, s), validation(reference, s)) for s in steps}
+    for i in common:
+        for s in steps:
+            if i in pairs[s][0] and i in pairs[s][1]:
+                (a, ci_a), (b, ci_b) = pairs[s][0][i], pairs[s][1][i]
+                print(f"{i:>9} {s:>2} {a:>6.1f} {b:>9.1f}  {a - b:+.1f} ± {math.hypot(ci_a, ci_b):.1f}")
+    print(f"figure: {shown(figure)}")
+    print(f"{word}: {title}, validation after {step} inner steps: {detail}")
+    return passed
+
+
 def main(argv=None):
     """The command line (see the module docstring); exits 1 on a stale --check and 2 on bad input."""
     parser = Parser(prog="results_table.py", description=__doc__.split("\n\n")[0])
@@ -359,10 +466,22 @@ def main(argv=None):
                         "(default: RUN_DIR's folder name)")
     parser.add_argument("--without-weights", action="store_true",
                         help="with --publish: publish a run that has no model.pt")
+    action.add_argument("--compare", metavar="RUN_DIR", type=Path,
+                        help="compare the run in RUN_DIR (finished or not) with a published one; exit 1 if it fails")
+    parser.add_argument("--against", metavar="NAME_OR_DIR",
+                        help="with --compare: the published run, a folder name in results/ (or any run's folder)")
+    parser.add_argument("--figure", metavar="PATH", type=Path, help="with --compare: where the overlay figure goes "
+                        "(default: runs/compare-<run>-vs-<published>.png)")
     args = parser.parse_args(argv)
     if (args.name is not None or args.without_weights) and args.publish is None:
         parser.error("--as and --without-weights go with --publish RUN_DIR")
+    if (args.compare is None) != (args.against is None) or (args.figure is not None and args.compare is None):
+        parser.error("--compare RUN_DIR needs --against NAME_OR_DIR, and --against and --figure go with --compare")
     try:
+        if args.compare is not None:
+            if not compare(args.compare, args.against, args.figure):
+                sys.exit(1)
+            return
         if args.publish is not None:
             dest = publish(args.publish, args.name, args.without_weights)
             files = ", ".join(sorted(path.name for path in dest.iterdir()))
