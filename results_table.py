@@ -1,9 +1,12 @@
-"""Write the README's results table from results/*/summary.json, and publish finished runs into results/.
+"""Write the README's results table from results/*/summary.json, publish finished runs into results/, and
+compare a run with a published one.
 
     python results_table.py                    # rewrite the table between the markers in README.md
-    python results_table.py --check            # exit 1 if README.md's table is not what results/ says
+    python results_table.py --check            # exit 1 if README.md's table is not what results/ says, else one line
     python results_table.py --publish RUN_DIR [--as NAME] [--without-weights]
                                                # copy the finished run in RUN_DIR to results/NAME/, rewrite the table
+    python results_table.py --compare RUN_DIR --against NAME_OR_DIR [--figure PATH]
+                                               # the run's validation against a published run's: exit 1 if it fails
 
 Our numbers come only from summary.json files that maml_omniglot.py wrote; a paper setting with no
 run in results/<setting>/ says so. Runs in other folders (more seeds, short reference runs) get rows of
@@ -16,23 +19,35 @@ progress do not count, and of two runs with the same seed only the first in the 
 --publish copies summary.json, log.csv, curves.png and model.pt (the trained weights) of a run whose
 summary.json says "finished" into results/NAME/ (NAME: RUN_DIR's folder name unless --as gives one),
 then rewrites the table. A run without model.pt is refused unless --without-weights says to publish it
-without. So is a destination that holds anything but an unfinished run, which the finished one replaces.
-The files go into a hidden folder beside the destination and are renamed into place, so a failure leaves
-results/ as it was.
+without. So is a destination that holds anything but an unfinished run, which the finished one replaces,
+and a log.csv or model.pt that does not read back as --plot-only and --evaluate read them (a malformed
+row, a digest that does not match). The files go into a hidden folder beside the destination and are
+renamed into place, so a failure leaves results/ as it was.
 
-Exit codes: 0 done; 1 --check found the table out of date; 2 bad input (a summary.json that is not JSON
-or lacks a key the table needs, a README.md without the markers) or a refused --publish, told in one
-line on stderr that names the file or value and the fix, with nothing written.
+--compare, the regression check for any run, finished or not: per validation point and number of inner
+steps, both accuracies, their difference and its 95% interval, then a one-line verdict by the regression
+rule (regression_verdict, which tests/test_regression.py applies too), and an overlay figure of both
+validation curves (compare's docstring says more).
+
+Exit codes: 0 done (--compare: the run passes); 1 --check found the table out of date, or --compare's run
+fails the rule; 2 bad input (a bad flag, a summary.json that is not JSON or lacks a key the table needs, a
+README.md without the markers, a log.csv that cannot be read) or a refused --publish, told in one line on
+stderr that names the file or value and the fix, with nothing written.
 """
 
 import argparse
+import csv
 import json
+import math
 import os
 import reprlib
 import shutil
 import statistics
 import sys
 from pathlib import Path
+
+from curves import comparison_png, parse_log
+from run_files import FILES, RunFileError, atomic_write, read_log, read_model
 
 ROOT = Path(__file__).resolve().parent  # the repository: README.md and results/ (tests point it elsewhere)
 BEGIN, END = "<!-- results table: begin (python results_table.py) -->", "<!-- results table: end -->"
@@ -48,10 +63,21 @@ PAPER_ITERATIONS = 60_000
 NOT_HYPERPARAMETERS = ("seed", "out", "data", "device", "checkpoint_every")
 PUBLISHED_FILES = ("summary.json", "log.csv", "curves.png", "model.pt")
 REGENERATE = "regenerate it with today's maml_omniglot.py (rerun its command)"
+# The regression rule (regression_verdict): the largest difference allowed at any validation point, and over the
+# whole curve on average, as fractions.
+TOLERANCE = 0.08
+MEAN_TOLERANCE = 0.04
 
 
 class BadInput(Exception):
     """A file or value this script cannot use; the message names it and the fix (exit code 2)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line on stderr (no usage dump) and exit code 2, as in maml_omniglot.py."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def shown(path):
@@ -78,6 +104,7 @@ TEXT = ("a string", lambda v: isinstance(v, str))
 OPTIONAL_TEXT = ("a string or null", lambda v: v is None or isinstance(v, str))
 OBJECTS = ("a non-empty list of objects", lambda v: isinstance(v, list) and v != [] and
            all(isinstance(x, dict) for x in v))
+OBJECT = ("an object", lambda v: isinstance(v, dict))
 OPTIONAL_OBJECT = ("an object or null", lambda v: v is None or isinstance(v, dict))
 SUMMARY_KEYS = {"iteration": NUMBER, "config.setting": TEXT, "config.seed": NUMBER, "config.iterations": NUMBER,
                 "segments": OBJECTS, "wall_time_s": NUMBER}
@@ -85,7 +112,7 @@ FINISHED_KEYS = {"test.accs": NUMBERS, "test.ci95": NUMBERS, "test.tasks": NUMBE
 IN_PROGRESS_KEYS = {"last_validation": OPTIONAL_OBJECT}
 VALIDATION_KEYS = {"last_validation.iteration": NUMBER, "last_validation.accs": NUMBERS,
                    "last_validation.ci95": NUMBERS}
-SEGMENT_KEYS = {"device.type": TEXT, "device.name": TEXT, "git.commit": OPTIONAL_TEXT}
+SEGMENT_KEYS = {"device": OBJECT, "device.type": TEXT, "device.name": TEXT, "git.commit": OPTIONAL_TEXT}
 
 
 def require(record, keys, path, prefix=""):
@@ -119,8 +146,11 @@ def load_summary(path):
     if status == "in progress" and summary["last_validation"] is not None:
         require(summary, VALIDATION_KEYS, path)
     for number, segment in enumerate(summary["segments"]):
-        cpu_keys = {"device.cpu_threads": NUMBER} if segment.get("device", {}).get("type") == "cpu" else {}
-        require(segment, SEGMENT_KEYS | cpu_keys, path, prefix=f"segments[{number}].")
+        require(segment, SEGMENT_KEYS, path, prefix=f"segments[{number}].")
+        device_keys = {"device.cpu_threads": NUMBER} if segment["device"]["type"] == "cpu" else {}
+        if "processes" in segment["device"]:  # torchrun's (distributed.py); older segments lack it: one process
+            device_keys["device.processes"] = NUMBER
+        require(segment, device_keys, path, prefix=f"segments[{number}].")
     return summary
 
 
@@ -157,7 +187,7 @@ def describe(summary):
         device = segment["device"]["name"]
         if segment["device"]["type"] == "cpu":
             device += f", {segment['device']['cpu_threads']} threads"
-        processes = segment["device"].get("processes", 1)  # torchrun's (distributed.py); older segments: one
+        processes = segment["device"].get("processes", 1)
         if processes > 1:
             device += f" x {processes} processes"
         devices.append(device)
@@ -241,12 +271,16 @@ def with_table(readme, text):
     return f"{head}{BEGIN}\n{text}\n{END}{tail}"
 
 
-def write_text(path, text):
-    """Write text to path (a temporary name), BadInput (naming path) if that fails."""
+def read_run_log(folder):
+    """The curves.Log of folder/log.csv, read and parsed as --plot-only does; BadInput if it cannot be read or
+    is not such a log."""
+    path = Path(folder) / FILES["log"]
     try:
-        path.write_text(text, encoding="utf-8")
+        return parse_log(read_log(path))
     except OSError as error:
-        raise BadInput(f"cannot write {path}: {why(error)}") from None
+        raise BadInput(f"cannot read {shown(path)}: {why(error)}") from None
+    except (csv.Error, ValueError) as error:  # a UnicodeDecodeError is a ValueError
+        raise BadInput(f"{shown(path)} is not a log.csv of maml_omniglot.py ({error})") from None
 
 
 def check_destination(run_dir, dest):
@@ -266,11 +300,11 @@ def publish(run_dir, name=None, without_weights=False):
     """Copy the finished run in run_dir to results/<name>/ (name: run_dir's folder name by default), rewrite
     README.md's table, and return results/<name>.
 
-    Everything that can be refused (BadInput) is checked, and README.md's new text written to README.md.tmp,
-    before results/ is touched: the files are copied into results/.<name>.<pid>.tmp, which is then renamed
-    to results/<name> (an unfinished run there is first renamed aside, and deleted once the new one is in
-    place), and README.md.tmp replaces README.md. If a copy or rename fails, the temporary folder is removed
-    and an unfinished run that was there is renamed back.
+    Everything that can be refused (BadInput) is checked before results/ is touched. The files are copied
+    into results/.<name>.<pid>.tmp, which is then renamed to results/<name> (an unfinished run there is
+    first renamed aside, and deleted once the new one is in place), and README.md is rewritten atomically.
+    If a copy, a rename or README.md's write fails, the new folder is taken back out and removed, and an
+    unfinished run that was there is renamed back.
     """
     run_dir = Path(run_dir)
     name = name or run_dir.resolve().name
@@ -292,41 +326,138 @@ def publish(run_dir, name=None, without_weights=False):
     if missing:
         raise BadInput(f"{run_dir} lacks {', '.join(missing)}: a finished run of maml_omniglot.py writes them "
                        f"(python maml_omniglot.py --plot-only {run_dir} redraws curves.png)")
+    read_run_log(run_dir)  # as --plot-only and --evaluate would read them
+    if "model.pt" in files:
+        try:
+            read_model(run_dir / FILES["model"])
+        except RunFileError as error:
+            raise BadInput(str(error)) from None
     results = ROOT / "results"
     dest = results / name
     check_destination(run_dir, dest)
     readme = read_readme()
     runs = load_runs()
     runs[name] = summary
-    readme_tmp, tmp = ROOT / "README.md.tmp", results / f".{name}.{os.getpid()}.tmp"
-    old = results / f".{name}.{os.getpid()}.old.tmp"
+    text = with_table(readme, table(runs)).encode()
+    tmp, old = results / f".{name}.{os.getpid()}.tmp", results / f".{name}.{os.getpid()}.old.tmp"
     try:
-        write_text(readme_tmp, with_table(readme, table(runs)))
+        tmp.mkdir(parents=True)
+        for file in files:
+            shutil.copyfile(run_dir / file, tmp / file)
+        if dest.exists():
+            os.rename(dest, old)
+        os.rename(tmp, dest)
         try:
-            tmp.mkdir(parents=True)
-            for file in files:
-                shutil.copyfile(run_dir / file, tmp / file)
-            if dest.exists():
-                os.rename(dest, old)
-            try:
-                os.rename(tmp, dest)
-            except OSError:
-                if old.exists():
-                    os.rename(old, dest)
-                raise
-        except OSError as error:
-            raise BadInput(f"cannot publish {run_dir} as {shown(dest)}: {why(error)}; results/ is as it was") from None
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(readme_tmp, ROOT / "README.md")
+            atomic_write(ROOT / "README.md", text)
+        except RunFileError:
+            os.rename(dest, tmp)
+            raise
+    except (OSError, RunFileError) as error:
+        if old.exists():
+            os.rename(old, dest)
+        raise BadInput(f"cannot publish {run_dir} as {shown(dest)}: {why(error)}; results/ is as it was") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        readme_tmp.unlink(missing_ok=True)
+    shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+def regression_verdict(measured, expected):
+    """The regression rule. measured, expected: validation curves, {iteration: accuracy after update_step_test
+    inner steps, as a fraction}, compared at the iterations both have (at least one). It holds when
+
+        |measured[i] − expected[i]| ≤ TOLERANCE at every such iteration i, and their mean ≤ MEAN_TOLERANCE.
+
+    With 320 validation tasks of 5 query drawings one point's standard error is about 1 percentage point;
+    the README's "Regression check" says how the tolerances were checked. Returns (whether it holds, a line
+    with the largest and the mean difference and both tolerances)."""
+    differences = {i: abs(measured[i] - expected[i]) for i in sorted(measured.keys() & expected.keys())}
+    worst = max(differences, key=differences.get)
+    mean = sum(differences.values()) / len(differences)
+    passed = differences[worst] <= TOLERANCE and mean <= MEAN_TOLERANCE
+    return passed, (f"largest difference {100 * differences[worst]:.1f} points at iteration {worst:,} (tolerance "
+                    f"{100 * TOLERANCE:g}), mean {100 * mean:.1f} (tolerance {100 * MEAN_TOLERANCE:g}) over "
+                    f"{len(differences)} validation point{'s' * (len(differences) != 1)}")
+
+
+def published_folder(name):
+    """results/<name> where name is the name of a folder there, else name as a folder of its own."""
+    folder = ROOT / "results" / name
+    return folder if name == Path(name).name and not name.startswith(".") and folder.is_dir() else Path(name)
+
+
+def validation(log, step):
+    """{iteration: (accuracy %, 95% half-width %)} of a curves.Log's val rows after step inner steps."""
+    iterations, accs, ci = log.val[step]
+    return dict(zip(iterations, zip(accs, ci)))
+
+
+def compare(run_dir, against, figure=None):
+    """Compare the run in run_dir, finished or not, with the published run against (the name of a folder in
+    results/, or any run's folder): print the comparison, write the overlay figure, return the verdict (bool).
+
+    Printed: for every validation point both logs have and every number of inner steps s, both accuracies,
+    their difference d = run − published, and the 95% interval of d, ± √(ci_run² + ci_published²) from the
+    logs' ci95 columns (the two validations are independent samples of tasks); then, in one line, the verdict
+    of regression_verdict on the curves after the last step (update_step_test). An unfinished run is compared
+    on the points it has. The figure (curves.comparison_png) goes to figure, by default to
+    runs/compare-<run>-vs-<published>.png: never into a run's folder. BadInput when a folder or log cannot be
+    read, when the logs validate after different numbers of steps, or when they have no validation point in
+    common.
+    """
+    run_dir, published = Path(run_dir), published_folder(against)
+    if not run_dir.is_dir():
+        raise BadInput(f"--compare {run_dir}: no such folder: give a run's folder (its --out)")
+    if not published.is_dir():
+        raise BadInput(f"--against {against}: neither results/{against} nor {against} is a folder: give the name of "
+                       "a folder in results/ or a run's folder")
+    names = shown(run_dir), shown(published)
+    run, reference = read_run_log(run_dir), read_run_log(published)
+    for name, log in zip(names, (run, reference)):
+        if log.final_step() is None:
+            raise BadInput(f"{name}/log.csv has no validation row yet: there is nothing to compare")
+    step = reference.final_step()
+    if run.final_step() != step:
+        raise BadInput(f"{names[0]} validates after up to {run.final_step()} inner steps, {names[1]} after {step}: "
+                       "compare runs of one setting")
+    ours, theirs = validation(run, step), validation(reference, step)
+    common = sorted(ours.keys() & theirs.keys())
+    if not common:
+        raise BadInput(f"{names[0]} and {names[1]} have no validation point in common: one validates at iterations "
+                       f"{reprlib.repr(sorted(ours))}, the other at {reprlib.repr(sorted(theirs))}")
+    passed, detail = regression_verdict({i: ours[i][0] / 100 for i in common}, {i: theirs[i][0] / 100 for i in common})
+    if len(common) < len(theirs):
+        detail += f" of the published {len(theirs)}"
+    word, title = "pass" if passed else "FAIL", f"{names[0]} against {names[1]} (published)"
+
+    labels = str(names[0]), f"{names[1]} (published)"
+    png = comparison_png(list(zip(labels, (run, reference))), step, f"{title}\n{word}: {detail}")
+    try:
+        if figure is None:
+            figure = ROOT / "runs" / f"compare-{run_dir.resolve().name}-vs-{published.resolve().name}.png"
+            figure.parent.mkdir(exist_ok=True)
+        atomic_write(figure, png)
+    except (OSError, RunFileError) as error:
+        raise BadInput(f"cannot write the figure {figure}: {why(error)}") from None
+
+    print(f"{title}: validation accuracy (%) at each point both have, after s inner steps; d = run − published, "
+          "± its 95% interval")
+    print(f"{'iteration':>9} {'s':>2} {'run':>6} {'published':>9}  d ± 95% interval")
+    steps = [s for s in run.steps if s in reference.steps]
+    pairs = {s: (validation(run, s), validation(reference, s)) for s in steps}
+    for i in common:
+        for s in steps:
+            if i in pairs[s][0] and i in pairs[s][1]:
+                (a, ci_a), (b, ci_b) = pairs[s][0][i], pairs[s][1][i]
+                print(f"{i:>9} {s:>2} {a:>6.1f} {b:>9.1f}  {a - b:+.1f} ± {math.hypot(ci_a, ci_b):.1f}")
+    print(f"figure: {shown(figure)}")
+    print(f"{word}: {title}, validation after {step} inner steps: {detail}")
+    return passed
 
 
 def main(argv=None):
     """The command line (see the module docstring); exits 1 on a stale --check and 2 on bad input."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="results_table.py", description=__doc__.split("\n\n")[0])
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--check", action="store_true", help="only check that README.md is up to date")
     action.add_argument("--publish", metavar="RUN_DIR", type=Path,
@@ -335,10 +466,22 @@ def main(argv=None):
                         "(default: RUN_DIR's folder name)")
     parser.add_argument("--without-weights", action="store_true",
                         help="with --publish: publish a run that has no model.pt")
+    action.add_argument("--compare", metavar="RUN_DIR", type=Path,
+                        help="compare the run in RUN_DIR (finished or not) with a published one; exit 1 if it fails")
+    parser.add_argument("--against", metavar="NAME_OR_DIR",
+                        help="with --compare: the published run, a folder name in results/ (or any run's folder)")
+    parser.add_argument("--figure", metavar="PATH", type=Path, help="with --compare: where the overlay figure goes "
+                        "(default: runs/compare-<run>-vs-<published>.png)")
     args = parser.parse_args(argv)
     if (args.name is not None or args.without_weights) and args.publish is None:
         parser.error("--as and --without-weights go with --publish RUN_DIR")
+    if (args.compare is None) != (args.against is None) or (args.figure is not None and args.compare is None):
+        parser.error("--compare RUN_DIR needs --against NAME_OR_DIR, and --against and --figure go with --compare")
     try:
+        if args.compare is not None:
+            if not compare(args.compare, args.against, args.figure):
+                sys.exit(1)
+            return
         if args.publish is not None:
             dest = publish(args.publish, args.name, args.without_weights)
             files = ", ".join(sorted(path.name for path in dest.iterdir()))
@@ -346,18 +489,18 @@ def main(argv=None):
             if (ROOT / "in-progress" / dest.name).exists():
                 print(f"note: results/{dest.name} has finished: git rm -r in-progress/{dest.name} (its checkpoint)")
             return
-        readme = read_readme()
-        updated = with_table(readme, table())
+        readme, runs = read_readme(), load_runs()
+        updated = with_table(readme, table(runs))
         if args.check:
             if updated != readme:
                 print("error: README.md's results table is out of date: run python results_table.py", file=sys.stderr)
                 sys.exit(1)
+            print(f"README.md's results table is up to date with results/*/summary.json ({', '.join(runs) or 'none'})")
             return
         try:
-            write_text(ROOT / "README.md.tmp", updated)
-            os.replace(ROOT / "README.md.tmp", ROOT / "README.md")
-        finally:
-            (ROOT / "README.md.tmp").unlink(missing_ok=True)
+            atomic_write(ROOT / "README.md", updated.encode())
+        except RunFileError as error:
+            raise BadInput(str(error)) from None
     except BadInput as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -4,6 +4,7 @@ The logs here are written in the test, in log.csv's format (strings, as csv.Dict
 have only the training's inner steps, the rest of their cells empty), so the tests do not depend on any
 committed run.
 """
+import csv
 import io
 import os
 import subprocess
@@ -101,6 +102,58 @@ def test_a_test_error_of_zero_is_drawn_at_the_bottom_edge_not_dropped():
 def test_an_empty_log_is_refused():
     with pytest.raises(ValueError, match="no rows"):
         curves.curves_png([], "empty")
+
+
+def test_a_short_run_has_whole_meta_iterations_on_its_axis():
+    """A run of 3 iterations validated at each: matplotlib's own ticks would be 0, 0.25, 0.5, ..."""
+    rows = [row(i, "val", [0.2, 0.3 + 0.1 * i], [0.02, 0.02]) for i in range(4)]
+    fig = curves.curves_figure(curves.parse_log(rows), "short")
+    fig.savefig(io.BytesIO(), format="png")
+    for ax in fig.axes:
+        low, high = ax.get_xlim()
+        ticks = [tick for tick in ax.get_xticks() if low <= tick <= high]
+        assert len(ticks) >= 2 and all(tick == int(tick) for tick in ticks), ticks
+
+
+def test_a_comparison_overlays_two_runs_validation():
+    reference, run = curves.parse_log(finished_log()), curves.parse_log(unfinished_log())
+    img = image(curves.comparison_png([("run", run), ("published", reference)], 3, "run against published"))
+    assert img.size == (900, 1020)  # 7.5 x 8.5 inches: the accuracy above, the error below
+    assert (31, 119, 180) in {color for _, color in img.getcolors(img.width * img.height)}  # the run's line, "C0"
+
+
+def csv_rows(text):
+    """The rows of a log.csv's text, as run_files.read_log gives them."""
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+HEADER = ",".join(row(0, "val", []).keys())
+CELLS = ",".join(row(0, "val", [0.23, 0.28, 0.38, 0.47], [0.02, 0.016, 0.018, 0.022]).values())
+BAD_LOGS = {  # case: (log.csv's text, what the one-line ValueError must say)
+    "a row with fewer fields": (f"{HEADER}\n{CELLS}\n500,val,0.2\n", "row 2 has fewer fields than the header"),
+    "a first row with more fields": (f"{HEADER}\n{CELLS},1\n", "row 1 has more fields than the header"),
+    "no split column": (HEADER.replace("split", "kind") + f"\n{CELLS}\n", "the header has no column 'split'"),
+    "an interval column missing": (HEADER.replace("ci95_step3", "x") + f"\n{CELLS}\n",
+                                   "the header has no column 'ci95_step3'"),
+    "no accuracy column": ("iteration,split\n0,val\n", "the header has no column 'acc_step0'"),
+    "an unknown split": (f"{HEADER}\n{CELLS.replace('val', 'valid')}\n", "row 1: split is 'valid', not train"),
+    "a fractional iteration": (f"{HEADER}\n{CELLS.replace('0,val', '0.5,val', 1)}\n",
+                               "row 1: iteration is '0.5', not a whole number"),
+    "an accuracy that is no number": (f"{HEADER}\n{CELLS.replace('0.28', 'x')}\n",
+                                      "row 1: acc_step1 is 'x', not a fraction from 0 to 1"),
+    "an accuracy above 1": (f"{HEADER}\n{CELLS.replace('0.28', '28')}\n", "row 1: acc_step1 is '28', not a fraction"),
+    "an interval that is nan": (f"{HEADER}\n{CELLS.replace('0.016', 'nan')}\n", "row 1: ci95_step1 is 'nan'"),
+    "no row with an accuracy": (f"{HEADER}\n0,val,,,,,,,,,,1\n500,train,,,,,,,,,0.5,2\n",
+                                "no row of the log has an accuracy"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_LOGS)
+def test_a_malformed_log_is_one_line_naming_the_problem(case):
+    text, message = BAD_LOGS[case]
+    with pytest.raises(ValueError) as error:
+        curves.curves_png(csv_rows(text), "bad")
+    assert message in str(error.value) and "\n" not in str(error.value)
 
 
 def test_error_labels_have_two_significant_digits():

@@ -4,7 +4,9 @@ results/5w1s-cpu-reference/ holds a short 5-way 1-shot run on the real data (its
 the command, commit, device, seed and wall time). This test runs the same command again and asks:
 
 * that the validation curve, the query accuracy after `update_step_test` inner steps at every
-  validation, stays within TOLERANCE of the committed one, point by point, and
+  validation, passes the regression rule against the committed one (results_table.regression_verdict:
+  within TOLERANCE at every point and MEAN_TOLERANCE on average; `python results_table.py --compare`
+  applies the same rule to any run), and
 * that the run really learned: test accuracy on the 423 held-out test classes, never seen in
   training, is far above the chance level of 1/5 (issue: at least 60% after a few hundred steps).
 
@@ -23,11 +25,10 @@ from pathlib import Path
 import pytest
 
 import maml_omniglot
+import results_table
 import run_files
 
 REFERENCE = Path(__file__).resolve().parents[1] / "results" / "5w1s-cpu-reference"
-TOLERANCE = 0.08  # largest allowed difference at any validation point, as a fraction
-MEAN_TOLERANCE = 0.04  # largest allowed mean difference over the curve
 
 
 def final_step_curve(log_path, step):
@@ -53,10 +54,8 @@ def test_validation_curve_matches_the_committed_reference(rerun):
     expected = final_step_curve(REFERENCE / "log.csv", step)
     measured = final_step_curve(out / "log.csv", step)
     assert measured.keys() == expected.keys()
-    differences = {i: abs(measured[i] - expected[i]) for i in expected}
-    report = ", ".join(f"{i}: {measured[i]:.3f} vs {expected[i]:.3f}" for i in sorted(expected))
-    assert max(differences.values()) <= TOLERANCE, report
-    assert sum(differences.values()) / len(differences) <= MEAN_TOLERANCE, report
+    passed, verdict = results_table.regression_verdict(measured, expected)
+    assert passed, verdict + ": " + ", ".join(f"{i}: {measured[i]:.3f} vs {expected[i]:.3f}" for i in sorted(expected))
 
 
 def test_the_reference_run_learns_far_above_chance(rerun):
@@ -66,4 +65,11 @@ def test_the_reference_run_learns_far_above_chance(rerun):
     assert test["accs"][0] < 0.3  # before adaptation: labels are a fresh permutation per task
     assert max(test["accs"][1:]) >= 0.60, test["accs"]
     committed = summary["test"]["accs"][-1]
-    assert abs(test["accs"][-1] - committed) <= TOLERANCE, (test["accs"][-1], committed)
+    assert abs(test["accs"][-1] - committed) <= results_table.TOLERANCE, (test["accs"][-1], committed)
+
+
+def test_the_maintainers_compare_command_passes_the_rerun(rerun, tmp_path):
+    _, out = rerun
+    figure = tmp_path / "compare.png"
+    results_table.main(["--compare", str(out), "--against", "5w1s-cpu-reference", "--figure", str(figure)])  # 1: fails
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -3,13 +3,18 @@
 Every test points results_table.ROOT at its own tmp folder holding a README.md with the markers and a
 results/ of summaries made by summary() below, so nothing here reads or writes the committed results.
 """
+import csv
 import json
 import math
+import random
+from pathlib import Path
 
 import pytest
 
 import results_table
+import run_files
 
+REFERENCE = Path(__file__).resolve().parents[1] / "results" / "5w1s-cpu-reference"
 README = f"# project\n\n{results_table.BEGIN}\nold table\n{results_table.END}\n\nafter the table\n"
 
 
@@ -41,12 +46,21 @@ def summary(setting="5w1s", seed=0, acc=0.99, status="finished", **config):
 
 
 def write_run(folder, run_summary, files=("log.csv", "curves.png", "model.pt")):
-    """folder/summary.json holding run_summary, and each of files with content that names it."""
+    """folder/summary.json holding run_summary, and each of files: log.csv and model.pt the committed reference
+    run's (--publish reads them), any other file with content that names it."""
     folder.mkdir(parents=True)
     (folder / "summary.json").write_text(json.dumps(run_summary, indent=2))
     for file in files:
-        (folder / file).write_bytes(f"{folder.name}/{file}".encode())
+        real = REFERENCE / file if file in ("log.csv", "model.pt") else None
+        (folder / file).write_bytes(real.read_bytes() if real else f"{folder.name}/{file}".encode())
     return folder
+
+
+def flip_a_byte(path):
+    """Flip the bits of the byte in the middle of path (in model.pt: inside the weights)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
 
 
 @pytest.fixture
@@ -164,6 +178,9 @@ REFUSALS = {  # case: (what to do to the run folder or the results, what the lin
     "finished destination": ("finished destination", "already holds a finished run; choose another name with --as"),
     "foreign destination": ("foreign destination", "already holds no summary.json; choose another name with --as"),
     "bad name": ("bad name", "--as '../x' is not a folder name for results/"),
+    "weights with a flipped byte": ("flipped weights", "model.pt is corrupt or truncated"),
+    "a log of random bytes": ("random log", "log.csv is not a log.csv of maml_omniglot.py"),
+    "a log with a short row": ("short row", "log.csv is not a log.csv of maml_omniglot.py (row 3 has fewer fields"),
 }
 
 
@@ -174,6 +191,14 @@ def test_publish_refuses_in_one_line_with_exit_2_and_changes_nothing(case, root,
     run_dir = write_run(tmp_path / "runs" / "5w1s", summary(status=status))
     if damage in ("summary.json", "model.pt", "curves.png"):
         (run_dir / damage).unlink()
+    if damage == "flipped weights":
+        flip_a_byte(run_dir / "model.pt")
+    if damage == "random log":
+        (run_dir / "log.csv").write_bytes(random.Random(0).randbytes(3000))
+    if damage == "short row":
+        lines = (run_dir / "log.csv").read_text().splitlines(keepends=True)
+        lines[3] = lines[3][:20] + "\n"
+        (run_dir / "log.csv").write_text("".join(lines))
     if damage == "finished destination":
         write_run(root / "results" / "5w1s", summary(acc=0.5))
     if damage == "foreign destination":
@@ -224,6 +249,22 @@ def test_a_failed_rename_puts_the_unfinished_run_back(root, tmp_path, capsys, mo
     assert snapshot(root) == before
 
 
+def test_a_readme_that_cannot_be_written_takes_the_published_run_back_out(root, tmp_path, capsys, monkeypatch):
+    write_run(root / "results" / "5w1s", summary(status="in progress"))
+    run_dir = write_run(tmp_path / "runs" / "5w1s", summary())
+
+    def full_disk(path, data):
+        raise run_files.RunFileError(f"cannot write {path}: No space left on device")
+
+    monkeypatch.setattr(results_table, "atomic_write", full_disk)
+    before = snapshot(root)
+    for argv in (["--publish", str(run_dir)], []):
+        code, _, err = run_main(argv, capsys)
+        assert code == 2 and err.count("\n") == 1 and "README.md: No space left on device" in err
+        assert snapshot(root) == before
+    assert sorted(path.name for path in (root / "results").iterdir()) == ["5w1s"]
+
+
 def drop(key):
     """A change to a summary dict that deletes the dotted key."""
     def change(record):
@@ -246,9 +287,13 @@ MALFORMED = {  # case: (summary.json's text or a change to summary(), what the l
     "test is null": (lambda s: s.update(test=None), 'lacks "test.accs"'),
     "no seed": (drop("config.seed"), 'lacks "config.seed"'),
     "no wall time": (drop("wall_time_s"), 'lacks "wall_time_s"'),
-    "segment without device": (lambda s: s["segments"][0].pop("device"), 'lacks "segments[0].device.type"'),
+    "segment without device": (lambda s: s["segments"][0].pop("device"), 'lacks "segments[0].device",'),
     "segment without threads": (lambda s: s["segments"][0]["device"].pop("cpu_threads"),
                                 'lacks "segments[0].device.cpu_threads"'),
+    "segment device not an object": (lambda s: s["segments"][0].update(device="cpu"),
+                                     "\"segments[0].device\" is 'cpu', not an object"),
+    "processes not a number": (lambda s: s["segments"][0]["device"].update(processes="2"),
+                               "\"segments[0].device.processes\" is '2', not a number"),
 }
 
 
@@ -302,13 +347,15 @@ def test_a_readme_without_markers_or_unreadable_is_one_line_and_exit_2(readme, m
         assert snapshot(root) == before
 
 
-def test_check_exits_1_on_a_stale_table_and_0_once_rewritten(root, capsys):
+def test_check_exits_1_on_a_stale_table_and_0_once_rewritten_saying_what_it_checked(root, capsys):
     write_run(root / "results" / "5w1s", summary(status="in progress"))
+    write_run(root / "results" / "5w1s-seed1", summary(seed=1))
     code, _, err = run_main(["--check"], capsys)
     assert code == 1 and "README.md's results table is out of date" in err
     assert run_main([], capsys)[0] == 0
-    assert run_main(["--check"], capsys)[0] == 0
-    assert not (root / "README.md.tmp").exists()
+    assert run_main(["--check"], capsys) == (
+        0, "README.md's results table is up to date with results/*/summary.json (5w1s, 5w1s-seed1)\n", "")
+    assert sorted(path.name for path in root.iterdir()) == ["README.md", "results"]  # no temporary file left
 
 
 def test_an_unfinished_run_without_a_validation_yet_says_so():
@@ -331,7 +378,124 @@ def test_a_publish_killed_midway_leaves_a_hidden_folder_that_is_no_run(root):
     assert "| 5w1s | 98.7 ± 0.4 % | not run yet |" in table and ".5w1s" not in table
 
 
-def test_as_and_without_weights_need_publish(root, capsys):
-    for argv in (["--as", "x"], ["--without-weights"], ["--check", "--publish", "runs/5w1s"]):
-        code, _, err = run_main(argv, capsys)
-        assert code == 2 and err.startswith("usage: ")
+@pytest.mark.parametrize("argv, message", [
+    (["--as", "x"], "--as and --without-weights go with --publish RUN_DIR"),
+    (["--without-weights"], "--as and --without-weights go with --publish RUN_DIR"),
+    (["--check", "--publish", "runs/5w1s"], "argument --publish: not allowed with argument --check"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--publish"], "argument --publish: expected one argument"),
+    (["--compare", "runs/5w1s"], "--compare RUN_DIR needs --against NAME_OR_DIR, and --against and --figure go"),
+    (["--against", "5w1s"], "--compare RUN_DIR needs --against NAME_OR_DIR"),
+    (["--figure", "x.png"], "--compare RUN_DIR needs --against NAME_OR_DIR"),
+    (["--compare", "runs/5w1s", "--against", "5w1s", "--check"], "argument --check: not allowed with argument"),
+])
+def test_a_bad_flag_is_one_line_and_exit_2(argv, message, root, capsys):
+    code, out, err = run_main(argv, capsys)
+    assert (code, out, err.count("\n")) == (2, "", 1)
+    assert err.startswith(f"results_table.py: error: {message}")
+
+
+def test_the_regression_rule_bounds_every_point_and_the_mean():
+    expected = {0: 0.0, 50: 0.0, 100: 0.0, 150: 0.0}  # from 0, each difference is exactly the measured value
+    tolerance, mean_tolerance = results_table.TOLERANCE, results_table.MEAN_TOLERANCE
+    assert results_table.regression_verdict(expected | {50: tolerance}, expected)[0]  # the bound itself holds
+    assert not results_table.regression_verdict(expected | {50: tolerance + 0.001}, expected)[0]
+    passed, line = results_table.regression_verdict({i: mean_tolerance + 0.001 for i in expected}, expected)
+    assert not passed  # every point within the tolerance, their mean beyond its own
+    assert line.startswith("largest difference 4.1 points at iteration ")
+    assert line.endswith(" (tolerance 8), mean 4.1 (tolerance 4) over 4 validation points")
+    passed, line = results_table.regression_verdict({0: 0.5, 500: 0.9}, {0: 0.5})  # only common points count
+    assert passed and line == "largest difference 0.0 points at iteration 0 (tolerance 8), mean 0.0 (tolerance 4) " \
+                              "over 1 validation point"
+
+
+def write_log(folder, change=lambda row: None, keep=lambda row: True):
+    """folder/log.csv: the reference run's log with change(row) applied to each row it keeps."""
+    with open(REFERENCE / "log.csv", newline="") as source:
+        reader = csv.DictReader(source)
+        rows = [row for row in reader if keep(row)]
+    for row in rows:
+        change(row)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "log.csv", "w", newline="") as target:
+        writer = csv.DictWriter(target, fieldnames=reader.fieldnames, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+@pytest.fixture
+def published(root):
+    """results/5w1s-cpu-reference in the test's repository: the committed reference's log."""
+    return write_log(root / "results" / "5w1s-cpu-reference")
+
+
+def test_compare_passes_a_run_identical_to_the_published_one(root, published, tmp_path, capsys):
+    run_dir = write_log(tmp_path / "runs" / "again")
+    code, out, err = run_main(["--compare", str(run_dir), "--against", "5w1s-cpu-reference"], capsys)
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert len(lines) == 2 + 11 * 4 + 2  # two header lines, one per validation point and step, figure, verdict
+    assert lines[2].split() == ["0", "0", "23.1", "23.1", "+0.0", "±", f"{math.hypot(2.0284, 2.0284):.1f}"]
+    assert lines[-1] == (f"pass: {run_dir} against results/5w1s-cpu-reference (published), validation after 3 "
+                         "inner steps: largest difference 0.0 points at iteration 0 (tolerance 8), mean 0.0 "
+                         "(tolerance 4) over 11 validation points")
+    figure = root / "runs" / "compare-again-vs-5w1s-cpu-reference.png"
+    assert lines[-2] == "figure: runs/compare-again-vs-5w1s-cpu-reference.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(path.name for path in run_dir.iterdir()) == ["log.csv"]  # nothing written into the run
+
+
+def test_compare_fails_a_clearly_worse_run_with_exit_1(root, published, tmp_path, capsys):
+    def worse(row):
+        if row["split"] == "val" and row["iteration"] != "0":
+            row["acc_step3"] = str(float(row["acc_step3"]) - 0.1)
+
+    run_dir = write_log(tmp_path / "runs" / "worse", worse)
+    figure = tmp_path / "worse.png"
+    code, out, err = run_main(["--compare", str(run_dir), "--against", str(published), "--figure", str(figure)],
+                              capsys)
+    assert (code, err) == (1, "")
+    assert out.splitlines()[-1].startswith(f"FAIL: {run_dir} against results/5w1s-cpu-reference (published), "
+                                           "validation after 3 inner steps: largest difference 10.0 points")
+    assert "      500  3   74.4      84.4  -10.0 ± 2.7" in out.splitlines()  # √2 · 1.93
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_takes_an_unfinished_run_on_the_points_it_has(published, tmp_path, capsys):
+    run_dir = write_log(tmp_path / "runs" / "unfinished", keep=lambda row: int(row["iteration"]) <= 200)
+    code, out, _ = run_main(["--compare", str(run_dir), "--against", "5w1s-cpu-reference"], capsys)
+    assert code == 0 and out.splitlines()[-1].endswith("over 5 validation points of the published 11")
+
+
+COMPARE_REFUSALS = {  # case: (the run's folder given a log by write_log's arguments or None, --against, message)
+    "no such run folder": (None, "5w1s-cpu-reference", "--compare {run}: no such folder"),
+    "no such published run": ({}, "5w1s-gpu", "--against 5w1s-gpu: neither results/5w1s-gpu nor 5w1s-gpu is a folder"),
+    "a garbage log": ("garbage", "5w1s-cpu-reference", "{run}/log.csv is not a log.csv of maml_omniglot.py ("),
+    "no log": ("no log", "5w1s-cpu-reference", "cannot read {run}/log.csv: No such file or directory"),
+    "no validation yet": ({"keep": lambda row: row["split"] == "train"}, "5w1s-cpu-reference",
+                          "{run}/log.csv has no validation row yet"),
+    "no common point": ({"change": lambda row: row.update(iteration=str(int(row["iteration"]) + 1))},
+                        "5w1s-cpu-reference", "have no validation point in common: one validates at iterations "
+                                              "[1, 51, 101, 151, 201, 251, ...], the other at [0, 50, 100,"),
+    "another setting": ({"change": lambda row: row.update(acc_step3="")}, "5w1s-cpu-reference",
+                        "validates after up to 2 inner steps, results/5w1s-cpu-reference after 3"),
+}
+
+
+@pytest.mark.parametrize("case", COMPARE_REFUSALS)
+def test_compare_refuses_bad_input_in_one_line_with_exit_2_writing_nothing(case, root, published, tmp_path, capsys):
+    log, against, message = COMPARE_REFUSALS[case]
+    run_dir = tmp_path / "runs" / "x"
+    if isinstance(log, dict):
+        write_log(run_dir, **log)
+    elif log == "garbage":
+        run_dir.mkdir(parents=True)
+        (run_dir / "log.csv").write_bytes(random.Random(0).randbytes(3000))
+    elif log == "no log":
+        run_dir.mkdir(parents=True)
+    before = snapshot(root)
+    code, out, err = run_main(["--compare", str(run_dir), "--against", against], capsys)
+    assert (code, out, err.count("\n")) == (2, "", 1)
+    assert err.startswith("error: ") and message.format(run=run_dir) in err
+    assert snapshot(root) == before
