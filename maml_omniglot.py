@@ -461,8 +461,8 @@ def plot_only(folder, parser):
         parser.error(f"--plot-only {folder}: there is no {log_path}")
     try:
         png = curves_png(run_files.read_log(log_path), os.path.basename(os.path.normpath(folder)))
-    except (ValueError, KeyError, TypeError, AttributeError, csv.Error, UnicodeDecodeError) as e:
-        parser.error(f"--plot-only {folder}: {log_path} is not a log.csv of this program ({type(e).__name__}: {e})")
+    except (ValueError, csv.Error) as e:  # curves.parse_log's messages name the row and the problem
+        parser.error(f"--plot-only {folder}: {log_path} is not a log.csv of this program ({e})")
     run_files.atomic_write(os.path.join(folder, FILES["curves"]), png)
     return 0
 

@@ -47,7 +47,7 @@ import sys
 from pathlib import Path
 
 from curves import comparison_png, parse_log
-from run_files import FILES, RunFileError, atomic_write, read_log, read_model
+from run_files import FILES, NOT_LEARNED, RunFileError, atomic_write, read_log, read_model
 
 ROOT = Path(__file__).resolve().parent  # the repository: README.md and results/ (tests point it elsewhere)
 BEGIN, END = "<!-- results table: begin (python results_table.py) -->", "<!-- results table: end -->"
@@ -58,9 +58,7 @@ PAPER = {  # Finn et al. 2017, Table 1, Omniglot, MAML (second order)
     "20w5s": "98.9 ± 0.2 %",
 }
 PAPER_ITERATIONS = 60_000
-# Config keys that say where a run wrote and ran, not what it learned: runs that differ only in these and
-# the seed are seeds of one setting.
-NOT_HYPERPARAMETERS = ("seed", "out", "data", "device", "checkpoint_every")
+NOT_HYPERPARAMETERS = ("seed",) + NOT_LEARNED  # runs that differ in these alone are seeds of one setting
 PUBLISHED_FILES = ("summary.json", "log.csv", "curves.png", "model.pt")
 REGENERATE = "regenerate it with today's maml_omniglot.py (rerun its command)"
 # The regression rule (regression_verdict): the largest difference allowed at any validation point, and over the
