@@ -32,7 +32,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import plain_maml
 from cuda_graph import GraphedMetaStep
-from maml_omniglot import SETTINGS, Parser, resolve_device
+from distributed import resolve_device
+from maml_omniglot import SETTINGS, Parser
 from meta import MetaLearner
 from omniglot_nshot import random_tasks
 

@@ -1,8 +1,8 @@
 """One meta-iteration as one CUDA graph: MetaLearner.step_tensors captured once, then replayed.
 
 On a GPU a meta-iteration is thousands of small kernels (convolutions on 1 to 75 images of 28 x 28 or
-smaller per task), and launching them one by one from Python takes longer than running them: on one
-H200 the eager meta-step took 22 ms for 5w1s, the same work replayed as one graph 5.5 ms (issue #19).
+smaller per task), and launching them one by one from Python takes longer than running them (SPEED.md,
+"On a GPU").
 torch.cuda.CUDAGraph records the kernels that one call of step_tensors launches, with the addresses of
 their arguments, and `replay()` launches them all again at once.
 

@@ -80,6 +80,25 @@ def writer():
     return rank() == 0
 
 
+def resolve_device(name):
+    """A --device value as a torch device string; ValueError with the reason when it cannot be used."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is unknown: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return "cpu"
+    if device.type != "cuda":
+        raise ValueError(f"--device {name!r} is not supported: use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return str(device)
+
+
 def process_device(device):
     """This process's device, given the run's (resolve_device's): the same without torchrun and on CPU;
     under torchrun on CUDA, GPU LOCAL_RANK of this machine. ValueError when that cannot be."""

@@ -386,25 +386,6 @@ def flag(key):
     return "--" + key.replace("_", "-")
 
 
-def resolve_device(name):
-    """A --device value as a torch device string; ValueError with the reason when it cannot be used."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is unknown: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cpu":
-        return "cpu"
-    if device.type != "cuda":
-        raise ValueError(f"--device {name!r} is not supported: use auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return str(device)
-
-
 def check_config(cfg, parser):
     """Refuse, with one line and exit code 2 (parser.error), every impossible value, before any data is loaded."""
     problem = task_shape_problem(cfg["n_way"], cfg["k_spt"], cfg["k_qry"], cfg["task_num"])
@@ -427,7 +408,7 @@ def check_config(cfg, parser):
     if not 0 <= cfg["seed"] < SEED_LIMIT:
         parser.error(f"--seed must be between 0 and {SEED_LIMIT - 1}, got {cfg['seed']}")
     try:
-        cfg["device"] = distributed.process_device(resolve_device(cfg["device"]))
+        cfg["device"] = distributed.process_device(distributed.resolve_device(cfg["device"]))
     except ValueError as e:
         parser.error(str(e))
     processes = distributed.world_size()

@@ -29,8 +29,7 @@ because task i's loss depends only on task i's fast weights. The same algorithm 
 with nothing batched, is plain_maml.py: read it first.
 
 Or one task after another. The batched path is not faster everywhere: on this project's 2-core CPU it
-is 1.5 to 1.7x faster than a per-task loop for 5-way 1-shot tasks, but up to 2x slower for larger
-tasks, where its grouped convolutions (and their double backward, which PyTorch runs group by group
+beats a per-task loop for 5-way 1-shot tasks, but loses to it for larger tasks (SPEED.md), where its grouped convolutions (and their double backward, which PyTorch runs group by group
 on copied slices) cost more than one task's plain convolutions (README, Speed). `MetaLearner.path` is
 the one rule that picks the path, for the meta-step and finetunning alike; the per-task path runs the
 same code on batches of one task, so both compute the same function, up to float32 rounding
@@ -42,6 +41,16 @@ host and no branch depends on one, so that cuda_graph.py can capture it as one C
 it. `forward` runs the same function eagerly and then reads its results.
 
 Shapes: T tasks (task_num), N classes (n_way), K support and Q query drawings per class (k_spt, k_qry).
+One 5w1s meta-iteration (T = 32, N = 5, K = Q = 1, one inner step), from the sampler to Adam:
+
+    sampler.next("train")     x_spt [32, 5, 1, 28, 28]  y_spt [32, 5]  x_qry [32, 5, 1, 28, 28]  y_qry [32, 5]
+    adapt: θ'ᵢ = θ            every weight expanded per task: conv1 [32, 64, 1, 3, 3] ... fc [32, 5, 64]
+      net(x_spt, θ')          tasks side by side [5, 32, 28, 28] -> 4 blocks -> [5, 2048, 2, 2] -> [32, 5, 5]
+      support_loss            Σ CE / K per task [32], summed; autograd.grad -> per-task gradients [32, *shape]
+      θ' ← θ' − α g           (update_step times, the graph kept: second order)
+    net(x_qry, θ')            logits [32, 5, 5] -> mean cross-entropy over the 160 query images: the loss, []
+    loss.backward()           θ's .grad, shaped as θ: conv1 [64, 1, 3, 3] ... fc [5, 64], 112,005 numbers
+    guarded_step              one Adam step on θ (undone if not finite)
 """
 
 import torch
@@ -109,19 +118,9 @@ class MetaLearner(nn.Module):
         """How a batch of tasks of `images_per_task` images each (N*K support + N*Q query) runs on `device`:
         "batched" (all at once) or "per task" (one after another), for the meta-step and finetunning.
 
-        The rule, measured on this project's 2-core CPU (2 threads, quiet, the paths interleaved, median
-        of 5; benchmark.py prints both paths and marks the one picked here): seconds for the meta-loss
-        and its backward, or for finetunning, of the paper's meta-batch (32 tasks for 5-way, 16 for
-        20-way), batched / per task:
-
-            images per task      10 (5w1s)    20 (5w2s)    40 (20w1s)   50 (5w5s)   200 (20w5s)
-            1 inner step         0.26 / 0.43  0.47 / 0.54  0.45 / 0.37  1.68 / 0.89
-            5 inner steps                                  2.02 / 1.99  4.85 / 4.80  6.79 / 6.70
-            finetunning          0.16 / 0.34  0.30 / 0.43  0.61 / 0.53  1.29 / 0.79  3.98 / 1.85
-
-        So the CPU batches tasks of at most CPU_BATCHED_IMAGES images and runs larger ones one by one,
-        whatever the number of inner steps (with 5 steps the two tie here; another machine of the same
-        kind measured the loop 13-23% faster). CUDA always batches: one kernel launch per operation
+        The rule, from measurements on this project's 2-core CPU (SPEED.md, "which path, by task size";
+        benchmark.py prints both paths and marks the one picked here): the CPU batches tasks of at most
+        CPU_BATCHED_IMAGES images and runs larger ones one by one, whatever the number of inner steps. CUDA always batches: one kernel launch per operation
         instead of one per task, and one graph (cuda_graph.py). A `batching` other than "auto" overrides
         the rule (tests and benchmark.py run both paths).
         """
