@@ -21,7 +21,7 @@ from PIL import Image
 import preprocess_omniglot
 from preprocess_omniglot import PreprocessError, load_omniglot, main, preprocess
 
-from conftest import FAKE_BACKGROUND, FAKE_EVALUATION, require_real_zips
+from conftest import FAKE_BACKGROUND, FAKE_EVALUATION
 
 FAKE_CLASS_COUNT = sum(FAKE_BACKGROUND.values()) + sum(FAKE_EVALUATION.values())
 
@@ -234,74 +234,25 @@ def test_real_data(real_omniglot_npy):
 
 
 # ---------------------------------------------------------------------------------------------
-# Reliability: workers die with the script, the pair is always consistent, a bad --out is refused.
+# Reliability: the pair is always consistent, a bad --out or flag is refused, Ctrl-C leaves nothing.
 # ---------------------------------------------------------------------------------------------
 
 SCRIPT = Path(preprocess_omniglot.__file__)
 
 
-def process_state(pid):
-    """The state letter of process pid ("R", "S", "Z" for a zombie, ...), or None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return stat.rsplit(")", 1)[1].split()[0]  # after the command name, which may hold spaces
-
-
-def is_alive(pid):
-    return process_state(pid) not in (None, "Z")  # a killed orphan may wait as a zombie for init to reap it
-
-
-def child_pids(pid):
-    """The living children of process pid, found through /proc/*/stat (field 4 is the parent's pid)."""
-    children = []
-    for stat_path in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            state, parent = stat_path.read_text().rsplit(")", 1)[1].split()[:2]
-        except OSError:  # ended meanwhile
-            continue
-        if int(parent) == pid and state != "Z":
-            children.append(int(stat_path.parent.name))
-    return children
-
-
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="lists processes through /proc (Linux)")
-def test_workers_die_when_the_script_is_killed(tmp_path):
-    command = [sys.executable, str(SCRIPT), "--zips", str(require_real_zips()), "--out",
-               str(tmp_path / "omniglot.npy")]
-    script = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    workers = []
-    try:
-        deadline = time.monotonic() + 30
-        while len(workers) < preprocess_omniglot.WORKERS and script.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-            workers = child_pids(script.pid)
-        assert len(workers) == preprocess_omniglot.WORKERS, f"the pool's workers never started: {workers}"
-
-        script.kill()  # SIGKILL: the script runs no cleanup
-        script.wait()
-        deadline = time.monotonic() + 5
-        while any(map(is_alive, workers)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not [pid for pid in workers if is_alive(pid)], "workers outlived the killed script"
-    finally:
-        script.kill()
-        script.wait()
-        for pid in workers:  # only the workers this test started, should they have survived
-            if is_alive(pid):
-                os.kill(pid, signal.SIGKILL)
+def run_child(code):
+    """Run code in a new Python process that has imported preprocess_omniglot with this test's ZIPS."""
+    preamble = (f"import os, signal\nimport preprocess_omniglot\nfrom preprocess_omniglot import ZipSpec\n"
+                f"preprocess_omniglot.ZIPS = {preprocess_omniglot.ZIPS!r}\n")
+    return subprocess.run([sys.executable, "-c", preamble + textwrap.dedent(code)], cwd=SCRIPT.parent,
+                          capture_output=True, text=True)
 
 
 def test_a_kill_between_the_two_renames_leaves_no_pair_that_is_trusted(fake_output, fake_zips, capsys):
     out_path = fake_output  # made with resize="nearest"
     # Rebuild with lanczos in a child process that is killed (SIGKILL: no cleanup runs) at its second
     # rename, so that one file of the pair is new and the other old.
-    child = textwrap.dedent(f"""
-        import os, signal
-        import preprocess_omniglot
-        from preprocess_omniglot import ZipSpec
-        preprocess_omniglot.ZIPS = {preprocess_omniglot.ZIPS!r}
+    child_run = run_child(f"""
         renames = []
         def replace_but_die_at_the_second(source, destination, replace=os.replace):
             renames.append(destination)
@@ -311,7 +262,6 @@ def test_a_kill_between_the_two_renames_leaves_no_pair_that_is_trusted(fake_outp
         os.replace = replace_but_die_at_the_second
         preprocess_omniglot.preprocess({str(fake_zips)!r}, {str(out_path)!r}, force=True, resize="lanczos")
     """)
-    child_run = subprocess.run([sys.executable, "-c", child], cwd=SCRIPT.parent, capture_output=True, text=True)
     assert child_run.returncode == -signal.SIGKILL, child_run.stderr
 
     stale_resize = json.loads(out_path.with_suffix(".json").read_text())["resize"]
