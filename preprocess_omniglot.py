@@ -36,11 +36,12 @@ What is guaranteed:
     (a folder, or the sidecar's own name) is refused before anything is written, with exit status 2
     like a bad flag; other errors exit 1.
   - The pair is consistent or refused, even if the script is killed (kill -9, power cut) at any moment:
-    both files are written under temporary names in the output folder, then renamed into place, first the
-    array, last the sidecar, which records the sha256 of the array's bytes. A pair whose array does not
+    each file goes to a temporary name beside it and is renamed into place (run_files.atomic_write), first
+    the array, last the sidecar, which records the sha256 of the array's bytes. A pair whose array does not
     match its sidecar's checksum (killed between the renames, edited, damaged, or built before sidecars had
     checksums) is rebuilt by this script even without --force, and refused by load_omniglot, which training
     uses. A kill can leave a temporary file (omniglot.npy.*.tmp) behind, never a pair that is trusted.
+  - Both files get the permissions that the umask gives a new file (0644 under the usual umask 022).
 
 Usage: python preprocess_omniglot.py [--zips data/] [--out data/omniglot.npy] [--force] [--resize nearest|lanczos]
 """
@@ -49,7 +50,6 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import platform
 import stat
 import sys
@@ -65,6 +65,8 @@ import numpy as np
 import PIL
 import tqdm
 from PIL import Image
+
+from run_files import RunFileError, atomic_write
 
 DRAWINGS_PER_CHARACTER = 20
 SOURCE_SIZE = (105, 105)
@@ -188,65 +190,26 @@ def sidecar_path(out_path):
     return Path(out_path).with_suffix(".json")
 
 
-class HashingFile:
-    """A file to write to that also keeps the size and sha256 of every byte written (for np.save).
-
-    sha256 hashes the 100 MB array in about 60 ms; hashing the bytes on their way to the file
-    records exactly what was written, without reading it back.
-    """
-
-    def __init__(self, file):
-        self.file, self.size, self.sha256 = file, 0, hashlib.sha256()
-
-    def write(self, data):
-        self.size += memoryview(data).nbytes
-        self.sha256.update(data)
-        return self.file.write(data)
-
-
-def open_temporary(directory, final_name):
-    """A new temporary file beside the final one, so os.replace is an atomic rename."""
-    try:
-        handle, name = tempfile.mkstemp(dir=directory, prefix=final_name + ".", suffix=".tmp")
-    except OSError as error:
-        raise PreprocessError(
-            f"cannot write to the output folder {directory} ({error}). "
-            f"Choose another --out or make the folder writable."
-        ) from error
-    return os.fdopen(handle, "wb"), Path(name)
-
-
 def save_omniglot(out_path, omniglot, sidecar):
-    """Write the array omniglot to out_path and the dict sidecar beside it, as a consistent pair.
-
-    The sidecar written gains an "array" entry: the size and sha256 of the exact bytes of out_path.
-    Both files go to temporary names in the output folder first; then the array is renamed into
-    place, then the sidecar. Killed between the two renames, we leave the new array beside the old
-    sidecar (or none), whose checksum does not match it: the pair is rebuilt by preprocess and
-    refused by load_omniglot, never trusted. On any error we remove what we wrote, the new array
-    included if its sidecar could not follow it, and raise PreprocessError.
-    """
+    """Write the array omniglot to out_path, then the dict sidecar with an "array" entry added (the size and
+    sha256 of out_path's exact bytes) to sidecar_path(out_path), each atomically: the pair that the module
+    docstring describes. If the sidecar cannot be written, the new array is removed too. Raises
+    PreprocessError."""
     out_path = Path(out_path)
-    array_file, array_temporary = open_temporary(out_path.parent, out_path.name)
-    written = [array_temporary]  # what to remove if we do not get to the end
+    sidecar_file = sidecar_path(out_path)
+    buffer = io.BytesIO()
+    np.save(buffer, omniglot)
+    array_bytes = buffer.getbuffer()
+    checksum = {"size": array_bytes.nbytes, "sha256": hashlib.sha256(array_bytes).hexdigest()}
     try:
-        with array_file:
-            hashing = HashingFile(array_file)
-            np.save(hashing, omniglot)
-        sidecar = {"array": {"size": hashing.size, "sha256": hashing.sha256.hexdigest()}, **sidecar}
-        sidecar_file, sidecar_temporary = open_temporary(out_path.parent, sidecar_path(out_path).name)
-        written.append(sidecar_temporary)
-        with sidecar_file:
-            sidecar_file.write(json.dumps(sidecar, indent=1).encode())
-        os.replace(array_temporary, out_path)
-        written[0] = out_path
-        os.replace(sidecar_temporary, sidecar_path(out_path))
-        written = []
-    except OSError as error:  # disk full, folder removed meanwhile, ...
-        raise PreprocessError(f"cannot write {out_path} ({error}). Check the free space and --out.") from error
-    finally:
-        for path in written:
-            path.unlink(missing_ok=True)
+        atomic_write(out_path, array_bytes)
+        try:
+            atomic_write(sidecar_file, json.dumps({"array": checksum, **sidecar}, indent=1).encode())
+        except RunFileError:
+            out_path.unlink(missing_ok=True)
+            raise
+    except RunFileError as error:  # disk full, folder removed meanwhile, ...
+        raise PreprocessError(f"{error}. Check the free space and --out.") from error
 
 
 def read_output(path, class_count):

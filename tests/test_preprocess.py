@@ -7,6 +7,7 @@ import os
 import pickle
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -293,6 +294,16 @@ def test_an_out_that_names_its_own_sidecar_is_refused(fake_zips, tmp_path, capsy
     [error] = messages(capsys.readouterr().err)
     assert str(out_path) in error and "--out " + str(tmp_path / "omniglot.npy") in error
     assert outputs_in(tmp_path) == []
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)], ids=["umask-022", "umask-027"])
+def test_the_pair_gets_the_permissions_the_umask_gives_new_files(fake_zips, tmp_path, umask, mode):
+    previous_umask = os.umask(umask)
+    try:
+        out_path = preprocess(fake_zips, tmp_path / "omniglot.npy")
+    finally:
+        os.umask(previous_umask)
+    assert [stat.S_IMODE(path.stat().st_mode) for path in (out_path, out_path.with_suffix(".json"))] == [mode, mode]
 
 
 def test_a_failed_rename_leaves_nothing_behind(fake_zips, tmp_path, capsys, monkeypatch):
