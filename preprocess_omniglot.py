@@ -33,8 +33,10 @@ folder python/) and checked against the official md5. Zips found locally are che
 What is guaranteed:
   - Every problem with the input or output stops the script with one line that names the file and the fix,
     and leaves nothing behind: no temporary file, no half-written output. A bad --out
-    (a folder, or the sidecar's own name) is refused before anything is written, with exit status 2
+    (a folder, a name not ending in .npy) is refused before anything is written, with exit status 2
     like a bad flag; other errors exit 1.
+  - No two arrays share a sidecar: an array's sidecar is its name with .json in place of .npy
+    (sidecar_path), and an array's name must end in .npy.
   - The pair is consistent or refused, even if the script is killed (kill -9, power cut) at any moment:
     each file goes to a temporary name beside it and is renamed into place (run_files.atomic_write), first
     the array, last the sidecar, which records the sha256 of the array's bytes. A pair whose array does not
@@ -187,7 +189,13 @@ def read_zip(zip_path, spec, resize, out, bar):
 
 
 def sidecar_path(out_path):
-    return Path(out_path).with_suffix(".json")
+    """The sidecar of the array out_path: its name with .json in place of .npy. Raises PreprocessError
+    for a name not ending in .npy, so that no two arrays share a sidecar."""
+    out_path = Path(out_path)
+    if out_path.suffix != ".npy":
+        raise PreprocessError(f"{out_path} does not end in .npy: an array's sidecar is its name with .json in place "
+                              f"of .npy, so the array must be a .npy file, e.g. {out_path.with_suffix('.npy')}")
+    return out_path.with_suffix(".json")
 
 
 def save_omniglot(out_path, omniglot, sidecar):
@@ -223,6 +231,7 @@ def read_output(path, class_count):
         if path.is_dir():
             raise PreprocessError(f"{path} is a folder, not an array file; name the .npy file, "
                                   f"e.g. {path / 'omniglot.npy'}")
+        sidecar_file = sidecar_path(path)
         if not stat.S_ISREG(path.stat().st_mode):
             raise PreprocessError(f"{path} is not a regular file; {rebuild}")
         data = path.read_bytes()
@@ -245,7 +254,6 @@ def read_output(path, class_count):
         raise PreprocessError(f"{path} holds {omniglot.dtype} {omniglot.shape}, expected float32 {expected_shape}; "
                               f"{rebuild}")
 
-    sidecar_file = sidecar_path(path)
     try:
         sidecar = json.loads(sidecar_file.read_text(encoding="utf-8"))
     except FileNotFoundError as error:
@@ -288,9 +296,6 @@ def check_out_path(out_path):
     if out_path.is_dir():
         raise PreprocessError(f"--out {out_path} is a folder; name the array file in it, "
                               f"e.g. --out {out_path / 'omniglot.npy'}")
-    if sidecar_path(out_path) == out_path:
-        raise PreprocessError(f"--out {out_path} is the name of its own sidecar; name a .npy file, "
-                              f"e.g. --out {out_path.with_suffix('.npy')}")
     if sidecar_path(out_path).is_dir():
         raise PreprocessError(f"{sidecar_path(out_path)}, where the sidecar of --out {out_path} goes, is a folder; "
                               f"move it away or choose another --out")
@@ -340,7 +345,7 @@ def preprocess(zips_dir, out_path, force=False, resize="nearest"):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="preprocess_omniglot.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--zips", default="data/", help="folder holding (or receiving) the two zips")
-    parser.add_argument("--out", default="data/omniglot.npy", help="output array; the sidecar goes beside it")
+    parser.add_argument("--out", default="data/omniglot.npy", help="output array (.npy); its sidecar goes beside it")
     parser.add_argument("--force", action="store_true", help="rebuild even if a valid output exists")
     parser.add_argument("--resize", choices=RESIZE_METHODS, default="nearest",
                         help="nearest: as the MAML reference (default); lanczos: antialiased")

@@ -288,12 +288,17 @@ def test_an_out_that_names_a_folder_is_refused_before_anything_is_written(fake_z
     assert sorted(tmp_path.rglob("*")) == before
 
 
-def test_an_out_that_names_its_own_sidecar_is_refused(fake_zips, tmp_path, capsys):
-    out_path = tmp_path / "omniglot.json"
+@pytest.mark.parametrize("name", ["omniglot.np", "omniglot", "omniglot.json"])
+def test_an_out_not_ending_in_npy_is_refused_and_the_pair_beside_it_kept(fake_output, fake_zips, capsys, name):
+    """A typo'd name must not build a second array whose sidecar (omniglot.json) is the first one's."""
+    pair = {path: path.read_bytes() for path in (fake_output, fake_output.with_suffix(".json"))}
+    out_path = fake_output.with_name(name)
     assert main(["--zips", str(fake_zips), "--out", str(out_path)]) == 2
     [error] = messages(capsys.readouterr().err)
-    assert str(out_path) in error and "--out " + str(tmp_path / "omniglot.npy") in error
-    assert outputs_in(tmp_path) == []
+    assert f"{out_path} does not end in .npy" in error and "e.g. " + str(fake_output) in error
+    assert outputs_in(fake_output.parent) == ["omniglot.json", "omniglot.npy"]
+    assert {path: path.read_bytes() for path in pair} == pair
+    load_omniglot(fake_output)
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)], ids=["umask-022", "umask-027"])
@@ -415,6 +420,16 @@ def test_load_omniglot_refuses_what_it_cannot_trust(fake_output, monkeypatch, da
     message = str(refusal.value)
     assert expected in message and str(fake_output) in message and "\n" not in message
     assert "preprocess_omniglot.py" in message or "e.g. " + str(fake_output / "omniglot.npy") in message
+
+
+def test_load_omniglot_refuses_an_array_not_ending_in_npy(fake_output):
+    """Its sidecar would be another array's: omniglot.np's would be omniglot.npy's omniglot.json."""
+    typo = fake_output.with_suffix(".np")
+    shutil.copy(fake_output, typo)  # the very bytes that omniglot.json records
+    with pytest.raises(PreprocessError) as refusal:
+        load_omniglot(typo)
+    assert str(refusal.value).startswith(f"{typo} does not end in .npy")
+    assert str(refusal.value).endswith(f"e.g. {fake_output}")
 
 
 def test_load_omniglot_keeps_the_training_wording_for_a_wrong_shape(tmp_path):
