@@ -32,8 +32,8 @@ folder python/) and checked against the official md5. Zips found locally are che
 
 What is guaranteed:
   - Every problem with the input or output stops the script with one line that names the file and the fix,
-    and leaves nothing behind: no temporary file, no half-written output. A bad --out
-    (a folder, a name not ending in .npy) is refused before anything is written, with exit status 2
+    and leaves nothing behind: no temporary file, no half-written output, no folder that it created. A bad
+    --out (a folder, a name not ending in .npy) is refused before anything is written, with exit status 2
     like a bad flag; other errors exit 1.
   - No two arrays share a sidecar: an array's sidecar is its name with .json in place of .npy
     (sidecar_path), and an array's name must end in .npy.
@@ -49,9 +49,11 @@ Usage: python preprocess_omniglot.py [--zips data/] [--out data/omniglot.npy] [-
 """
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
+import os
 import platform
 import stat
 import sys
@@ -89,6 +91,20 @@ CLASS_COUNT = sum(spec.characters for spec in ZIPS)  # 964 + 659 = 1623
 
 class PreprocessError(Exception):
     """A problem with the input or the output that the user can fix; the message says how."""
+
+
+@contextlib.contextmanager
+def new_folders_removed_on_failure(*paths):
+    """If the block raises (Ctrl-C included), remove the folders among paths and their parents that did not
+    exist before it and are empty after it, innermost first."""
+    new = {folder for path in paths for folder in (path, *path.parents) if not os.path.isdir(folder)}
+    try:
+        yield
+    except BaseException:
+        for folder in sorted(new, key=lambda folder: len(folder.parts), reverse=True):
+            with contextlib.suppress(OSError):  # not empty: it holds something worth keeping
+                folder.rmdir()
+        raise
 
 
 def file_md5(path):
@@ -305,7 +321,7 @@ def preprocess(zips_dir, out_path, force=False, resize="nearest"):
     """Build out_path (the array) and its sidecar from the zips in zips_dir; return out_path. A consistent
     existing pair made with the same resize method is kept unless force is true; any other is rebuilt. Raises
     PreprocessError naming the file and the fix on any bad input, before writing anything if it is a bad
-    out_path."""
+    out_path. A failure leaves no folder that it created."""
     if resize not in RESIZE_METHODS:
         raise PreprocessError(f"unknown resize method {resize!r}; choose one of {', '.join(RESIZE_METHODS)}")
     out_path = Path(out_path)
@@ -316,27 +332,28 @@ def preprocess(zips_dir, out_path, force=False, resize="nearest"):
         return out_path
 
     started = time.perf_counter()
-    try:  # fail now, not after the slow part, if the folder cannot take new files
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_path.parent).close()
-    except OSError as error:
-        raise PreprocessError(f"cannot write to the output folder {out_path.parent} ({error}). "
-                              f"Choose another --out or make the folder writable.") from error
-    zip_paths = ensure_zips(zips_dir)
-    omniglot = np.empty((class_count, DRAWINGS_PER_CHARACTER, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
-    class_names = []
-    with tqdm.tqdm(total=class_count * DRAWINGS_PER_CHARACTER, unit="drawing", desc="decoding") as bar:
-        for spec, zip_path in zip(ZIPS, zip_paths):
-            class_names += read_zip(zip_path, spec, resize, omniglot[len(class_names):], bar)
-    save_omniglot(out_path, omniglot, {
-        "shape": list(omniglot.shape), "dtype": str(omniglot.dtype),
-        "pixels": "1.0 = pen stroke, 0.0 = background", "resize": resize,
-        "order": "images_background then images_evaluation; alphabets, characters and drawings each sorted by "
-                 "name",
-        "classes": class_names,
-        "sources": {path.name: {"size": path.stat().st_size, "md5": file_md5(path)} for path in zip_paths},
-        "versions": {"python": platform.python_version(), "numpy": np.__version__, "pillow": PIL.__version__},
-    })
+    with new_folders_removed_on_failure(out_path.parent.absolute(), Path(zips_dir).absolute()):
+        try:  # fail now, not after the slow part, if the folder cannot take new files
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=out_path.parent).close()
+        except OSError as error:
+            raise PreprocessError(f"cannot write to the output folder {out_path.parent} ({error}). "
+                                  f"Choose another --out or make the folder writable.") from error
+        zip_paths = ensure_zips(zips_dir)
+        omniglot = np.empty((class_count, DRAWINGS_PER_CHARACTER, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+        class_names = []
+        with tqdm.tqdm(total=class_count * DRAWINGS_PER_CHARACTER, unit="drawing", desc="decoding") as bar:
+            for spec, zip_path in zip(ZIPS, zip_paths):
+                class_names += read_zip(zip_path, spec, resize, omniglot[len(class_names):], bar)
+        save_omniglot(out_path, omniglot, {
+            "shape": list(omniglot.shape), "dtype": str(omniglot.dtype),
+            "pixels": "1.0 = pen stroke, 0.0 = background", "resize": resize,
+            "order": "images_background then images_evaluation; alphabets, characters and drawings each sorted by "
+                     "name",
+            "classes": class_names,
+            "sources": {path.name: {"size": path.stat().st_size, "md5": file_md5(path)} for path in zip_paths},
+            "versions": {"python": platform.python_version(), "numpy": np.__version__, "pillow": PIL.__version__},
+        })
     print(f"Wrote {out_path} {omniglot.shape} and {sidecar_path(out_path).name}: "
           f"{class_count * DRAWINGS_PER_CHARACTER:,} drawings in {time.perf_counter() - started:.1f} s.")
     return out_path

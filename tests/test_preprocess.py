@@ -165,7 +165,7 @@ def test_bad_zip_fails_clearly_and_leaves_no_output(fake_zips, tmp_path, capsys,
     error = capsys.readouterr().err
     assert str(background_zip) in error
     assert message in error
-    assert outputs_in(out_dir) == []
+    assert not out_dir.exists()  # the output folder it created, removed again
 
 
 def test_unwritable_output_folder_fails_clearly(fake_zips, tmp_path, capsys):
@@ -184,6 +184,15 @@ def test_offline_without_zips_says_where_to_put_them(tmp_path, capsys):
     for zip_name in ("images_background.zip", "images_evaluation.zip"):
         assert str(zips_dir.resolve() / zip_name) in error
     assert outputs_in(tmp_path) == []
+    assert not zips_dir.exists()  # created to receive the downloads, removed again
+
+
+def test_an_array_in_new_folders_without_zips_leaves_no_folder(tmp_path):
+    """As training does for a --data that does not exist: the zips are looked for beside the array."""
+    out_path = tmp_path / "new" / "data" / "omniglot.npy"
+    with pytest.raises(PreprocessError, match="put the two Omniglot zips here"):
+        preprocess(out_path.parent, out_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_zip_is_downloaded(fake_zips, tmp_path, monkeypatch):
