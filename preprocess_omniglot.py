@@ -34,7 +34,8 @@ What is guaranteed:
   - Every problem with the input or output stops the script with one line that names the file and the fix,
     and leaves nothing behind: no temporary file, no half-written output, no folder that it created. A bad
     --out (a folder, a name not ending in .npy) is refused before anything is written, with exit status 2
-    like a bad flag; other errors exit 1.
+    like a bad flag; other errors exit 1. Ctrl-C stops it in the same way, with exit status 130; pressed
+    while the pair is being written, it takes effect once both files are in place.
   - No two arrays share a sidecar: an array's sidecar is its name with .json in place of .npy
     (sidecar_path), and an array's name must end in .npy.
   - The pair is consistent or refused, even if the script is killed (kill -9, power cut) at any moment:
@@ -55,6 +56,7 @@ import io
 import json
 import os
 import platform
+import signal
 import stat
 import sys
 import tempfile
@@ -217,14 +219,16 @@ def sidecar_path(out_path):
 def save_omniglot(out_path, omniglot, sidecar):
     """Write the array omniglot to out_path, then the dict sidecar with an "array" entry added (the size and
     sha256 of out_path's exact bytes) to sidecar_path(out_path), each atomically: the pair that the module
-    docstring describes. If the sidecar cannot be written, the new array is removed too. Raises
-    PreprocessError."""
+    docstring describes. Ctrl-C is held back until both are in place (signal handlers need the main thread).
+    If the sidecar cannot be written, the new array is removed too. Raises PreprocessError."""
     out_path = Path(out_path)
     sidecar_file = sidecar_path(out_path)
     buffer = io.BytesIO()
     np.save(buffer, omniglot)
     array_bytes = buffer.getbuffer()
     checksum = {"size": array_bytes.nbytes, "sha256": hashlib.sha256(array_bytes).hexdigest()}
+    interrupted = []
+    previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
     try:
         atomic_write(out_path, array_bytes)
         try:
@@ -234,6 +238,10 @@ def save_omniglot(out_path, omniglot, sidecar):
             raise
     except RunFileError as error:  # disk full, folder removed meanwhile, ...
         raise PreprocessError(f"{error}. Check the free space and --out.") from error
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        if interrupted:
+            signal.raise_signal(signal.SIGINT)
 
 
 def read_output(path, class_count):
@@ -321,7 +329,7 @@ def preprocess(zips_dir, out_path, force=False, resize="nearest"):
     """Build out_path (the array) and its sidecar from the zips in zips_dir; return out_path. A consistent
     existing pair made with the same resize method is kept unless force is true; any other is rebuilt. Raises
     PreprocessError naming the file and the fix on any bad input, before writing anything if it is a bad
-    out_path. A failure leaves no folder that it created."""
+    out_path. A failure, Ctrl-C included, leaves no folder that it created."""
     if resize not in RESIZE_METHODS:
         raise PreprocessError(f"unknown resize method {resize!r}; choose one of {', '.join(RESIZE_METHODS)}")
     out_path = Path(out_path)
@@ -375,6 +383,9 @@ def main(argv=None):
     except PreprocessError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return status
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted; nothing half-written is left", file=sys.stderr)
+        return 130
     return 0
 
 

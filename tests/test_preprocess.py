@@ -320,6 +320,41 @@ def test_the_pair_gets_the_permissions_the_umask_gives_new_files(fake_zips, tmp_
     assert [stat.S_IMODE(path.stat().st_mode) for path in (out_path, out_path.with_suffix(".json"))] == [mode, mode]
 
 
+INTERRUPTED = "preprocess_omniglot.py: interrupted; nothing half-written is left"
+
+
+def test_ctrl_c_while_decoding_is_one_line_with_exit_status_130_and_leaves_nothing(fake_zips, tmp_path):
+    out_path = tmp_path / "new" / "omniglot.npy"
+    child_run = run_child(f"""
+        decode_drawing, decoded = preprocess_omniglot.decode_drawing, []
+        def decode_but_press_ctrl_c_at_the_third(png_bytes, resize):
+            decoded.append(png_bytes)
+            if len(decoded) == 3:
+                os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C in a terminal sends
+            return decode_drawing(png_bytes, resize)
+        preprocess_omniglot.decode_drawing = decode_but_press_ctrl_c_at_the_third
+        raise SystemExit(preprocess_omniglot.main(["--zips", {str(fake_zips)!r}, "--out", {str(out_path)!r}]))
+    """)
+    assert child_run.returncode == 130, child_run.stderr
+    assert messages(child_run.stderr) == [INTERRUPTED]
+    assert not out_path.parent.exists()
+
+
+def test_ctrl_c_while_writing_takes_effect_once_the_pair_is_written(fake_zips, tmp_path):
+    out_path = tmp_path / "omniglot.npy"
+    child_run = run_child(f"""
+        def replace_but_press_ctrl_c_first(source, destination, replace=os.replace):
+            os.kill(os.getpid(), signal.SIGINT)
+            replace(source, destination)
+        os.replace = replace_but_press_ctrl_c_first
+        raise SystemExit(preprocess_omniglot.main(["--zips", {str(fake_zips)!r}, "--out", {str(out_path)!r}]))
+    """)
+    assert child_run.returncode == 130, child_run.stderr
+    assert messages(child_run.stderr) == [INTERRUPTED]
+    assert outputs_in(tmp_path) == ["omniglot.json", "omniglot.npy"]
+    assert preprocess_omniglot.existing_output_is_valid(out_path, "nearest", FAKE_CLASS_COUNT)
+
+
 def test_a_failed_rename_leaves_nothing_behind(fake_zips, tmp_path, capsys, monkeypatch):
     renames = []
 
