@@ -33,8 +33,8 @@ folder python/) and checked against the official md5. Zips found locally are che
 What is guaranteed:
   - Every problem with the input or output stops the script with one line that names the file and the fix,
     and leaves nothing behind: no temporary file, no half-written output, no folder that it created. A bad
-    --out (a folder, a name not ending in .npy) is refused before anything is written, with exit status 2
-    like a bad flag; other errors exit 1. Ctrl-C stops it in the same way, with exit status 130; pressed
+    flag or a bad --out (a folder, a name not ending in .npy) is refused before anything is written, with
+    exit status 2; other errors exit 1. Ctrl-C stops it in the same way, with exit status 130; pressed
     while the pair is being written, it takes effect once both files are in place.
   - No two arrays share a sidecar: an array's sidecar is its name with .json in place of .npy
     (sidecar_path), and an array's name must end in .npy.
@@ -93,6 +93,13 @@ CLASS_COUNT = sum(spec.characters for spec in ZIPS)  # 964 + 659 = 1623
 
 class PreprocessError(Exception):
     """A problem with the input or the output that the user can fix; the message says how."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line on stderr (no usage dump) and exit status 2, as in maml_omniglot.py."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 @contextlib.contextmanager
@@ -368,7 +375,7 @@ def preprocess(zips_dir, out_path, force=False, resize="nearest"):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="preprocess_omniglot.py", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="preprocess_omniglot.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--zips", default="data/", help="folder holding (or receiving) the two zips")
     parser.add_argument("--out", default="data/omniglot.npy", help="output array (.npy); its sidecar goes beside it")
     parser.add_argument("--force", action="store_true", help="rebuild even if a valid output exists")

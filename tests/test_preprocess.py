@@ -310,6 +310,18 @@ def test_an_out_not_ending_in_npy_is_refused_and_the_pair_beside_it_kept(fake_ou
     load_omniglot(fake_output)
 
 
+@pytest.mark.parametrize("bad_flag, expected", [
+    (["--resize", "bicubic"], "argument --resize: invalid choice: 'bicubic'"),
+    (["--zips", "data/", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_a_bad_flag_is_one_line_with_exit_status_2(capsys, bad_flag, expected):
+    with pytest.raises(SystemExit) as exit_:
+        main(bad_flag)
+    assert exit_.value.code == 2
+    [error] = capsys.readouterr().err.splitlines()  # no usage dump
+    assert error.startswith(f"preprocess_omniglot.py: error: {expected}")
+
+
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)], ids=["umask-022", "umask-027"])
 def test_the_pair_gets_the_permissions_the_umask_gives_new_files(fake_zips, tmp_path, umask, mode):
     previous_umask = os.umask(umask)
