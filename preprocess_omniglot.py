@@ -1,75 +1,70 @@
 """Turn the two Omniglot zips into one array: data/omniglot.npy.
 
-Omniglot (Lake et al., 2015) holds 1623 handwritten characters from 50 alphabets, each drawn
-once by 20 different people, as 105x105 black-on-white PNGs. It ships as two zips:
+Omniglot (Lake et al., 2015) holds 1623 handwritten characters from 50 alphabets, each drawn once by 20
+different people, as 105x105 black-on-white PNGs. It ships as two zips:
 
     images_background.zip   30 alphabets, 964 characters
     images_evaluation.zip   20 alphabets, 659 characters
 
-each laid out as  images_background/<Alphabet>/characterNN/NNNN_NN.png.  Every MAML run needs
-all of them at 28x28, so this script decodes them once and saves a single float32 array:
+each laid out as  images_background/<Alphabet>/characterNN/NNNN_NN.png.  Every MAML run needs all of them
+at 28x28, so this script decodes them once and saves a single float32 array:
 
     data/omniglot.npy    shape (1623, 20, 1, 28, 28) = (character, drawing, channel, row, column)
-    data/omniglot.json   the sidecar: the size and sha256 of the exact bytes of omniglot.npy, class
-                         names in array order, each zip's size and md5, the resize method and the
-                         package versions used
+    data/omniglot.json   the sidecar: the size and sha256 of the exact bytes of omniglot.npy, class names in
+                         array order, each zip's size and md5, the resize method and the package versions used
 
-Order (never the order of a zip listing or of os.walk): background characters, then evaluation
-characters; within each zip sorted by alphabet folder name, then character folder name; the 20
-drawings of a character sorted by file name. The sidecar's "classes" list follows that order.
+Order (never the order of a zip listing or of os.walk): background characters, then evaluation characters;
+within each zip sorted by alphabet folder name, then character folder name; the 20 drawings of a character
+sorted by file name. The sidecar's "classes" list follows that order.
 
-Pixel values: 1.0 = pen stroke, 0.0 = background. The PNGs draw black strokes on white, so we
-invert them (1 - pixel), as the MAML reference code (cbfinn/maml) does.
+Pixel values: 1.0 = pen stroke, 0.0 = background. The PNGs draw black strokes on white, so we invert them
+(1 - pixel), as the MAML reference code (cbfinn/maml) does.
 
-Resize: the PNGs are 1-bit images (Pillow mode "1"). The reference code resized them with
-Pillow's LANCZOS filter, but Pillow cannot filter a 1-bit image and silently falls back to
-nearest neighbour, so the reference data, and the paper's numbers, are nearest-neighbour
-binary images. The default, --resize nearest, reproduces that. --resize lanczos converts to
-8-bit grey first, which gives a true antialiased resize with values between 0 and 1.
+Resize: the PNGs are 1-bit images (Pillow mode "1"). The reference code resized them with Pillow's LANCZOS
+filter, but Pillow cannot filter a 1-bit image and silently falls back to nearest neighbour, so the
+reference data, and the paper's numbers, are nearest-neighbour binary images. The default, --resize
+nearest, reproduces that. --resize lanczos converts to 8-bit grey first, which gives a true antialiased
+resize with values between 0 and 1.
 
-A zip missing from --zips is downloaded from the official repository (github.com/brendenlake/
-omniglot, folder python/) and checked against the official md5. Zips found locally are checked
-by structure instead (alphabet, character and drawing counts): rebuilt zips holding the official
-drawings are fine. Every problem with the input or output stops the script with one line that
-names the file and the fix, and leaves nothing behind: no temporary file, no half-written output.
+A zip missing from --zips is downloaded from the official repository (github.com/brendenlake/omniglot,
+folder python/) and checked against the official md5. Zips found locally are checked by structure instead
+(alphabet, character and drawing counts): rebuilt zips holding the official drawings are fine.
 
-What is guaranteed, even if the script is killed (kill -9, power cut) at any moment:
-  - The pair is consistent or refused. Both files are written under temporary names in the output
-    folder; the array is renamed into place first and the sidecar last, and the sidecar records the
-    sha256 of the array's bytes. A pair whose array does not match its sidecar's checksum (killed
-    between the renames, edited, damaged, or built before sidecars had checksums) is rebuilt by
-    this script even without --force, and refused by load_omniglot, which training uses. A kill
-    can leave a temporary file (omniglot.npy.*.tmp) behind, never a pair that is trusted.
-  - The worker processes that decode the PNGs die with the script (see die_with_parent).
-  - A bad --out (a folder, or the sidecar's own name) is refused before anything is written, with
-    exit status 2 like any bad argument (other errors exit 1).
+What is guaranteed:
+  - Every problem with the input or output stops the script with one line that names the file and the fix,
+    and leaves nothing behind: no temporary file, no half-written output, no folder that it created. A bad
+    flag or a bad --out (a folder, a name not ending in .npy) is refused before anything is written, with
+    exit status 2; other errors exit 1. Ctrl-C stops it in the same way, with exit status 130; pressed
+    while the pair is being written, it takes effect once both files are in place.
+  - No two arrays share a sidecar: an array's sidecar is its name with .json in place of .npy
+    (sidecar_path), and an array's name must end in .npy.
+  - The pair is consistent or refused, even if the script is killed (kill -9, power cut) at any moment:
+    each file goes to a temporary name beside it and is renamed into place (run_files.atomic_write), first
+    the array, last the sidecar, which records the sha256 of the array's bytes. A pair whose array does not
+    match its sidecar's checksum (killed between the renames, edited, damaged, or built before sidecars had
+    checksums) is rebuilt by this script even without --force, and refused by load_omniglot, which training
+    uses. A kill can leave a temporary file (omniglot.npy.*.tmp) behind, never a pair that is trusted.
+  - Both files get the permissions that the umask gives a new file (0644 under the usual umask 022).
 
-Usage:
-    python preprocess_omniglot.py [--zips data/] [--out data/omniglot.npy] [--force]
-                                  [--resize nearest|lanczos]
+Usage: python preprocess_omniglot.py [--zips data/] [--out data/omniglot.npy] [--force] [--resize nearest|lanczos]
 """
 
 import argparse
-import ctypes
-import functools
+import contextlib
 import hashlib
 import io
 import json
-import multiprocessing
 import os
 import platform
 import signal
 import stat
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 import zipfile
 import zlib
-from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from collections import defaultdict, namedtuple
 from pathlib import Path
 
 import numpy as np
@@ -77,34 +72,18 @@ import PIL
 import tqdm
 from PIL import Image
 
+from run_files import RunFileError, atomic_write
+
 DRAWINGS_PER_CHARACTER = 20
 SOURCE_SIZE = (105, 105)
 IMAGE_SIZE = 28
 RESIZE_METHODS = ("nearest", "lanczos")
-WORKERS = min(2, os.cpu_count() or 1)
-OFFICIAL_URL = "https://github.com/brendenlake/omniglot/raw/master/python/{name}"
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>: the signal a process gets when its parent dies
+OFFICIAL_URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
 
 
-@dataclass(frozen=True)
-class ZipSpec:
-    """What one Omniglot zip must contain, and where the official copy lives."""
-
-    folder: str  # top-level folder inside the zip, also the zip's file name without ".zip"
-    alphabets: int
-    characters: int
-    md5: str  # of the official download
-
-    @property
-    def file_name(self):
-        return self.folder + ".zip"
-
-    @property
-    def url(self):
-        return OFFICIAL_URL.format(name=self.file_name)
-
-
-# In array order: background characters first, then evaluation characters.
+# What each zip must contain, in array order (background characters first), and the md5 of the official
+# download; folder is the zip's top-level folder, and its file name without ".zip".
+ZipSpec = namedtuple("ZipSpec", "folder alphabets characters md5")
 ZIPS = (
     ZipSpec("images_background", alphabets=30, characters=964, md5="68d2efa1b9178cc56df9314c21c6e718"),
     ZipSpec("images_evaluation", alphabets=20, characters=659, md5="6b91aef0f799c5bb55b94e3f2daec811"),
@@ -116,17 +95,30 @@ class PreprocessError(Exception):
     """A problem with the input or the output that the user can fix; the message says how."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Getting the zips: use the local copies, or download the official ones.
-# ---------------------------------------------------------------------------------------------
+class Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line on stderr (no usage dump) and exit status 2, as in maml_omniglot.py."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+@contextlib.contextmanager
+def new_folders_removed_on_failure(*paths):
+    """If the block raises (Ctrl-C included), remove the folders among paths and their parents that did not
+    exist before it and are empty after it, innermost first."""
+    new = {folder for path in paths for folder in (path, *path.parents) if not os.path.isdir(folder)}
+    try:
+        yield
+    except BaseException:
+        for folder in sorted(new, key=lambda folder: len(folder.parts), reverse=True):
+            with contextlib.suppress(OSError):  # not empty: it holds something worth keeping
+                folder.rmdir()
+        raise
 
 
 def file_md5(path):
-    digest = hashlib.md5()
     with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(file, "md5").hexdigest()
 
 
 def download(url, destination, expected_md5):
@@ -142,12 +134,10 @@ def download(url, destination, expected_md5):
                     bar.update(len(chunk))
         actual_md5 = file_md5(partial)
         if actual_md5 != expected_md5:
-            raise PreprocessError(
-                f"{url}: downloaded file has md5 {actual_md5}, expected {expected_md5}. "
-                f"The download is damaged or the source changed; run again, or put the official "
-                f"zip at {destination.resolve()} yourself."
-            )
-        os.replace(partial, destination)
+            raise PreprocessError(f"{url}: downloaded file has md5 {actual_md5}, expected {expected_md5}. The "
+                                  f"download is damaged or the source changed; run again, or put the official zip "
+                                  f"at {destination.resolve()} yourself.")
+        partial.replace(destination)
     finally:
         partial.unlink(missing_ok=True)
 
@@ -155,74 +145,21 @@ def download(url, destination, expected_md5):
 def ensure_zips(zips_dir):
     """Return the paths of both zips in zips_dir, downloading any that are missing."""
     zips_dir = Path(zips_dir)
-    paths = [zips_dir / spec.file_name for spec in ZIPS]
+    paths = [zips_dir / f"{spec.folder}.zip" for spec in ZIPS]
     for spec, path in zip(ZIPS, paths):
         if path.exists():
             continue
-        print(f"{path} not found: downloading {spec.url}")
+        url = OFFICIAL_URL + path.name
+        print(f"{path} not found: downloading {url}")
         try:
             zips_dir.mkdir(parents=True, exist_ok=True)
-            download(spec.url, path, spec.md5)
+            download(url, path, spec.md5)
         except OSError as error:  # no network (urllib.error.URLError), timeout, disk full, ...
             wanted = " and ".join(str(p.resolve()) for p in paths)
-            raise PreprocessError(
-                f"could not download {spec.file_name} from {spec.url} ({error}). "
-                f"Without internet access, put the two Omniglot zips here: {wanted} "
-                f"(from https://github.com/brendenlake/omniglot/tree/master/python), then run again."
-            ) from error
+            raise PreprocessError(f"could not download {path.name} from {url} ({error}). Without internet access, "
+                                  f"put the two Omniglot zips here: {wanted} (from https://github.com/brendenlake/"
+                                  f"omniglot/tree/master/python), then run again.") from error
     return paths
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading the layout: which PNGs belong to which character, in the documented order.
-# ---------------------------------------------------------------------------------------------
-
-
-def list_characters(zip_path, spec):
-    """Check a zip's layout and counts; return [(class name, sorted PNG member names)], sorted.
-
-    A class name is "<folder>/<Alphabet>/<characterNN>", e.g. "images_background/Greek/character03".
-    """
-    refetch_hint = f"Delete {zip_path} and run again to download the official copy."
-    try:
-        with zipfile.ZipFile(zip_path) as archive:
-            member_names = archive.namelist()
-    except (zipfile.BadZipFile, OSError) as error:
-        raise PreprocessError(f"{zip_path}: not a readable zip file ({error}). {refetch_hint}") from error
-
-    drawings_of = defaultdict(list)  # (alphabet, character) -> member names
-    for name in member_names:
-        if name.endswith("/"):  # a folder entry
-            continue
-        parts = name.split("/")
-        if len(parts) != 4 or parts[0] != spec.folder or not parts[3].endswith(".png"):
-            raise PreprocessError(
-                f"{zip_path}: unexpected entry {name!r}; every file must be "
-                f"{spec.folder}/<Alphabet>/<characterNN>/<NNNN_NN>.png. {refetch_hint}"
-            )
-        drawings_of[(parts[1], parts[2])].append(name)
-
-    alphabet_count = len({alphabet for alphabet, _ in drawings_of})
-    if alphabet_count != spec.alphabets or len(drawings_of) != spec.characters:
-        raise PreprocessError(
-            f"{zip_path}: found {alphabet_count} alphabets and {len(drawings_of)} characters, "
-            f"expected {spec.alphabets} and {spec.characters}. {refetch_hint}"
-        )
-    for (alphabet, character), names in drawings_of.items():
-        if len(names) != DRAWINGS_PER_CHARACTER:
-            raise PreprocessError(
-                f"{zip_path}: {spec.folder}/{alphabet}/{character} has {len(names)} drawings, "
-                f"expected {DRAWINGS_PER_CHARACTER}. {refetch_hint}"
-            )
-    return [
-        (f"{spec.folder}/{alphabet}/{character}", sorted(names))
-        for (alphabet, character), names in sorted(drawings_of.items())
-    ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoding: PNG bytes -> 28x28 float32, strokes 1.0. Runs in worker processes.
-# ---------------------------------------------------------------------------------------------
 
 
 def decode_drawing(png_bytes, resize):
@@ -234,176 +171,107 @@ def decode_drawing(png_bytes, resize):
         small = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
     else:
         small = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.NEAREST).convert("L")
-    brightness = np.asarray(small, dtype=np.float32) / 255.0  # [28, 28], 1.0 = white paper
-    return 1.0 - brightness
+    return 1.0 - np.asarray(small, dtype=np.float32) / 255.0  # 1 - brightness, [28, 28]
 
 
-@functools.cache
-def open_zip(zip_path):
-    """The zip, opened once per worker process: reading a zip's directory of 20,000 entries takes
-    a third of a second, too slow to repeat for every job."""
-    return zipfile.ZipFile(zip_path)
-
-
-def decode_drawings(zip_path, member_names, resize):
-    """Decode PNGs of one zip -> [len(member_names), 28, 28]. Runs in a worker process."""
-    drawings = np.empty((len(member_names), IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
-    for index, name in enumerate(member_names):
-        try:
-            drawings[index] = decode_drawing(open_zip(zip_path).read(name), resize)
-        except (OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile, zlib.error) as error:
-            raise PreprocessError(
-                f"{zip_path}: cannot read {name} ({error}). The zip is damaged; delete "
-                f"{zip_path} and run again to download the official copy."
-            ) from error
-    return drawings
-
-
-def die_with_parent(parent_pid):
-    """Pool initializer: make this worker process end as soon as its parent ends, however it ends.
-
-    A pool's workers wait for jobs on a pipe that they hold open themselves, so they never see it
-    close: when the parent is killed with no chance to stop them (kill -9, the out-of-memory
-    killer), they would wait, or decode, forever. On Linux we ask the kernel to SIGKILL this worker
-    when its parent dies (prctl PR_SET_PDEATHSIG): it needs nothing from the worker, so it works
-    even in the middle of a decode or a blocked write. Where prctl does not exist, or fails, a
-    daemon thread checks twice a second whether we have been handed to another parent (os.getppid()
-    changed), which is what happens to the children of a dead process. Either way we check once
-    now, as the parent may have died before this ran. The death signal follows the thread that
-    forked the worker: decode_all starts the workers from the thread that calls it, which outlives
-    the pool.
-    """
-    asked_the_kernel = (
-        sys.platform == "linux" and ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
-    )
-    if not asked_the_kernel:
-        threading.Thread(target=exit_when_orphaned, args=(parent_pid,), daemon=True).start()
-    if os.getppid() != parent_pid:
-        os._exit(1)
-
-
-def exit_when_orphaned(parent_pid):
-    """Poll until this process is no longer a child of parent_pid, then end it at once."""
-    while os.getppid() == parent_pid:
-        time.sleep(0.5)
-    os._exit(1)
-
-
-def decode_all(jobs, resize, drawing_count):
-    """Decode every job (zip path, member names) with a process pool; keep the job order.
-
-    Returns [drawing_count, 28, 28]. The workers die with this process (die_with_parent). They are
-    forked, on Linux, so that they are children of this process whatever the Python version's
-    default start method (a "forkserver" would be their parent instead).
-    """
-    context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
-    drawings = []
-    with tqdm.tqdm(total=drawing_count, unit="drawing", desc="decoding") as bar:
-        with ProcessPoolExecutor(max_workers=WORKERS, mp_context=context, initializer=die_with_parent,
-                                 initargs=(os.getpid(),)) as pool:
-            futures = [pool.submit(decode_drawings, zip_path, names, resize) for zip_path, names in jobs]
-            for future in futures:
-                drawings.append(future.result())
-                bar.update(len(drawings[-1]))
-    return np.concatenate(drawings)
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing and checking the pair: the array, and the sidecar that records its checksum.
-# ---------------------------------------------------------------------------------------------
+def read_zip(zip_path, spec, resize, out, bar):
+    """Check a zip's layout and counts, decode its drawings into out[:spec.characters] (float32 [characters, 20,
+    1, 28, 28], in the documented order) advancing the progress bar, and return the class names in that order:
+    "<folder>/<Alphabet>/<characterNN>", e.g. "images_background/Greek/character03"."""
+    refetch = f"Delete {zip_path} and run again to download the official copy."
+    try:
+        archive = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as error:
+        raise PreprocessError(f"{zip_path}: not a readable zip file ({error}). {refetch}") from error
+    with archive:
+        drawings_of = defaultdict(list)  # (alphabet, character) -> member names
+        for name in archive.namelist():
+            if name.endswith("/"):  # a folder entry
+                continue
+            parts = name.split("/")
+            if len(parts) != 4 or parts[0] != spec.folder or not parts[3].endswith(".png"):
+                raise PreprocessError(f"{zip_path}: unexpected entry {name!r}; every file must be "
+                                      f"{spec.folder}/<Alphabet>/<characterNN>/<NNNN_NN>.png. {refetch}")
+            drawings_of[(parts[1], parts[2])].append(name)
+        alphabet_count = len({alphabet for alphabet, _ in drawings_of})
+        if alphabet_count != spec.alphabets or len(drawings_of) != spec.characters:
+            raise PreprocessError(f"{zip_path}: found {alphabet_count} alphabets and {len(drawings_of)} characters, "
+                                  f"expected {spec.alphabets} and {spec.characters}. {refetch}")
+        for (alphabet, character), names in drawings_of.items():
+            if len(names) != DRAWINGS_PER_CHARACTER:
+                raise PreprocessError(f"{zip_path}: {spec.folder}/{alphabet}/{character} has {len(names)} drawings, "
+                                      f"expected {DRAWINGS_PER_CHARACTER}. {refetch}")
+        characters = sorted(drawings_of)
+        for index, character in enumerate(characters):
+            for drawing, name in enumerate(sorted(drawings_of[character])):
+                try:
+                    out[index, drawing, 0] = decode_drawing(archive.read(name), resize)
+                except (OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+                    raise PreprocessError(
+                        f"{zip_path}: cannot read {name} ({error}). The zip is damaged. {refetch}") from error
+            bar.update(DRAWINGS_PER_CHARACTER)
+    return [f"{spec.folder}/{alphabet}/{character}" for alphabet, character in characters]
 
 
 def sidecar_path(out_path):
-    return Path(out_path).with_suffix(".json")
-
-
-class HashingFile:
-    """A file to write to that also keeps the size and sha256 of every byte written (for np.save).
-
-    sha256 hashes the 100 MB array in about 60 ms; hashing the bytes on their way to the file
-    records exactly what was written, without reading it back.
-    """
-
-    def __init__(self, file):
-        self.file, self.size, self.sha256 = file, 0, hashlib.sha256()
-
-    def write(self, data):
-        self.size += memoryview(data).nbytes
-        self.sha256.update(data)
-        return self.file.write(data)
-
-
-def open_temporary(directory, final_name):
-    """A new temporary file beside the final one, so os.replace is an atomic rename."""
-    try:
-        handle, name = tempfile.mkstemp(dir=directory, prefix=final_name + ".", suffix=".tmp")
-    except OSError as error:
-        raise PreprocessError(
-            f"cannot write to the output folder {directory} ({error}). "
-            f"Choose another --out or make the folder writable."
-        ) from error
-    return os.fdopen(handle, "wb"), Path(name)
+    """The sidecar of the array out_path: its name with .json in place of .npy. Raises PreprocessError
+    for a name not ending in .npy, so that no two arrays share a sidecar."""
+    out_path = Path(out_path)
+    if out_path.suffix != ".npy":
+        raise PreprocessError(f"{out_path} does not end in .npy: an array's sidecar is its name with .json in place "
+                              f"of .npy, so the array must be a .npy file, e.g. {out_path.with_suffix('.npy')}")
+    return out_path.with_suffix(".json")
 
 
 def save_omniglot(out_path, omniglot, sidecar):
-    """Write the array omniglot to out_path and the dict sidecar beside it, as a consistent pair.
-
-    The sidecar written gains an "array" entry: the size and sha256 of the exact bytes of out_path.
-    Both files go to temporary names in the output folder first; then the array is renamed into
-    place, then the sidecar. Killed between the two renames, we leave the new array beside the old
-    sidecar (or none), whose checksum does not match it: the pair is rebuilt by preprocess and
-    refused by load_omniglot, never trusted. On any error we remove what we wrote, the new array
-    included if its sidecar could not follow it, and raise PreprocessError.
-    """
+    """Write the array omniglot to out_path, then the dict sidecar with an "array" entry added (the size and
+    sha256 of out_path's exact bytes) to sidecar_path(out_path), each atomically: the pair that the module
+    docstring describes. Ctrl-C is held back until both are in place (signal handlers need the main thread).
+    If the sidecar cannot be written, the new array is removed too. Raises PreprocessError."""
     out_path = Path(out_path)
-    array_file, array_temporary = open_temporary(out_path.parent, out_path.name)
-    written = [array_temporary]  # what to remove if we do not get to the end
+    sidecar_file = sidecar_path(out_path)
+    buffer = io.BytesIO()
+    np.save(buffer, omniglot)
+    array_bytes = buffer.getbuffer()
+    checksum = {"size": array_bytes.nbytes, "sha256": hashlib.sha256(array_bytes).hexdigest()}
+    interrupted = []
+    previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
     try:
-        with array_file:
-            hashing = HashingFile(array_file)
-            np.save(hashing, omniglot)
-        sidecar = {"array": {"size": hashing.size, "sha256": hashing.sha256.hexdigest()}, **sidecar}
-        sidecar_file, sidecar_temporary = open_temporary(out_path.parent, sidecar_path(out_path).name)
-        written.append(sidecar_temporary)
-        with sidecar_file:
-            sidecar_file.write(json.dumps(sidecar, indent=1).encode())
-        os.replace(array_temporary, out_path)
-        written[0] = out_path
-        os.replace(sidecar_temporary, sidecar_path(out_path))
-        written = []
-    except OSError as error:  # disk full, folder removed meanwhile, ...
-        raise PreprocessError(f"cannot write {out_path} ({error}). Check the free space and --out.") from error
+        atomic_write(out_path, array_bytes)
+        try:
+            atomic_write(sidecar_file, json.dumps({"array": checksum, **sidecar}, indent=1).encode())
+        except RunFileError:
+            out_path.unlink(missing_ok=True)
+            raise
+    except RunFileError as error:  # disk full, folder removed meanwhile, ...
+        raise PreprocessError(f"{error}. Check the free space and --out.") from error
     finally:
-        for path in written:
-            path.unlink(missing_ok=True)
+        signal.signal(signal.SIGINT, previous_handler)
+        if interrupted:
+            signal.raise_signal(signal.SIGINT)
 
 
 def read_output(path, class_count):
-    """Check the array at path against its sidecar; return (the array, the sidecar dict).
-
-    Accepts only a readable regular .npy file (no pickles) holding float32
-    [class_count, 20, 1, 28, 28], not all zeros, whose sidecar is JSON recording the size and
-    sha256 of the file's exact bytes. Otherwise raises PreprocessError with one line that names
-    the file and the fix. The checksum is computed from the same bytes the array is loaded from.
-    """
+    """Check the array at path against its sidecar; return (the array, the sidecar dict). Accepts only a
+    readable regular .npy file (no pickles) holding float32 [class_count, 20, 1, 28, 28], not all zeros, whose
+    sidecar is JSON recording the size and sha256 of the exact bytes that the array is loaded from. Otherwise
+    raises PreprocessError with one line that names the file and the fix."""
     path = Path(path)
     rebuild = f"rebuild it with: python preprocess_omniglot.py --force --out {path}"
     try:
-        mode = path.stat().st_mode
-        if stat.S_ISDIR(mode):
+        if path.is_dir():
             raise PreprocessError(f"{path} is a folder, not an array file; name the .npy file, "
                                   f"e.g. {path / 'omniglot.npy'}")
-        if not stat.S_ISREG(mode):
+        sidecar_file = sidecar_path(path)
+        if not stat.S_ISREG(path.stat().st_mode):
             raise PreprocessError(f"{path} is not a regular file; {rebuild}")
         data = path.read_bytes()
     except FileNotFoundError as error:
         raise PreprocessError(
-            f"{path} not found; build it with: python preprocess_omniglot.py --out {path}"
-        ) from error
+            f"{path} not found; build it with: python preprocess_omniglot.py --out {path}") from error
     except OSError as error:
         raise PreprocessError(
-            f"cannot read {path} ({error.strerror or error}); make it readable or {rebuild}"
-        ) from error
+            f"cannot read {path} ({error.strerror or error}); make it readable or {rebuild}") from error
     if not data:
         raise PreprocessError(f"{path} is empty; {rebuild}")
     if not data.startswith(np.lib.format.MAGIC_PREFIX):
@@ -414,43 +282,33 @@ def read_output(path, class_count):
         raise PreprocessError(f"{path} is not a loadable .npy array ({error}); {rebuild}") from error
     expected_shape = (class_count, DRAWINGS_PER_CHARACTER, 1, IMAGE_SIZE, IMAGE_SIZE)
     if omniglot.shape != expected_shape or omniglot.dtype != np.float32:
-        raise PreprocessError(
-            f"{path} holds {omniglot.dtype} {omniglot.shape}, expected float32 {expected_shape}; {rebuild}"
-        )
+        raise PreprocessError(f"{path} holds {omniglot.dtype} {omniglot.shape}, expected float32 {expected_shape}; "
+                              f"{rebuild}")
 
-    sidecar_file = sidecar_path(path)
     try:
         sidecar = json.loads(sidecar_file.read_text(encoding="utf-8"))
     except FileNotFoundError as error:
         raise PreprocessError(f"{path} has no sidecar {sidecar_file} to check it against; {rebuild}") from error
     except OSError as error:
-        raise PreprocessError(
-            f"cannot read {sidecar_file}, the sidecar of {path} ({error.strerror or error}); {rebuild}"
-        ) from error
+        raise PreprocessError(f"cannot read {sidecar_file}, the sidecar of {path} ({error.strerror or error}); "
+                              f"{rebuild}") from error
     except ValueError as error:  # not JSON, not UTF-8
         raise PreprocessError(f"{sidecar_file}, the sidecar of {path}, is not JSON ({error}); {rebuild}") from error
     recorded = sidecar.get("array") if isinstance(sidecar, dict) else None
     if not isinstance(recorded, dict) or "sha256" not in recorded:
-        raise PreprocessError(
-            f"{sidecar_file} records no checksum of {path}: it was written by an older "
-            f"preprocess_omniglot.py, so the pair cannot be checked; {rebuild}"
-        )
+        raise PreprocessError(f"{sidecar_file} records no checksum of {path}: it was written by an older "
+                              f"preprocess_omniglot.py, so the pair cannot be checked; {rebuild}")
     if recorded != {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}:
-        raise PreprocessError(
-            f"{path} does not match the size and sha256 recorded in its sidecar {sidecar_file}: the two "
-            f"were not written together, or one changed since; {rebuild}"
-        )
+        raise PreprocessError(f"{path} does not match the size and sha256 recorded in its sidecar {sidecar_file}: "
+                              f"the two were not written together, or one changed since; {rebuild}")
     if not omniglot.any():
         raise PreprocessError(f"{path} holds no strokes (every pixel is 0); {rebuild}")
     return omniglot, sidecar
 
 
 def load_omniglot(path):
-    """The preprocessed Omniglot at path, float32 [1623, 20, 1, 28, 28]; what training loads.
-
-    Builds nothing: it checks the array against its sidecar (read_output) and raises
-    PreprocessError, with one line naming the file and the fix, if they are not a consistent pair.
-    """
+    """The preprocessed Omniglot at path, float32 [1623, 20, 1, 28, 28]; what training loads. Builds nothing:
+    raises PreprocessError (read_output) unless the array and its sidecar are a consistent pair."""
     return read_output(path, CLASS_COUNT)[0]
 
 
@@ -467,28 +325,18 @@ def check_out_path(out_path):
     """Raise PreprocessError unless out_path can take the array, with its sidecar beside it."""
     out_path = Path(out_path)
     if out_path.is_dir():
-        raise PreprocessError(
-            f"--out {out_path} is a folder; name the array file in it, e.g. --out {out_path / 'omniglot.npy'}"
-        )
-    if sidecar_path(out_path) == out_path:
-        raise PreprocessError(
-            f"--out {out_path} is the name of its own sidecar; name a .npy file, "
-            f"e.g. --out {out_path.with_suffix('.npy')}"
-        )
+        raise PreprocessError(f"--out {out_path} is a folder; name the array file in it, "
+                              f"e.g. --out {out_path / 'omniglot.npy'}")
     if sidecar_path(out_path).is_dir():
-        raise PreprocessError(
-            f"{sidecar_path(out_path)}, where the sidecar of --out {out_path} goes, is a folder; "
-            f"move it away or choose another --out"
-        )
+        raise PreprocessError(f"{sidecar_path(out_path)}, where the sidecar of --out {out_path} goes, is a folder; "
+                              f"move it away or choose another --out")
 
 
 def preprocess(zips_dir, out_path, force=False, resize="nearest"):
-    """Build out_path (the array) and its sidecar from the zips in zips_dir; return out_path.
-
-    A consistent existing pair made with the same resize method is kept unless force is true; any
-    other is rebuilt. Raises PreprocessError with a message naming the file and the fix on any bad
-    input, before writing anything if it is a bad out_path.
-    """
+    """Build out_path (the array) and its sidecar from the zips in zips_dir; return out_path. A consistent
+    existing pair made with the same resize method is kept unless force is true; any other is rebuilt. Raises
+    PreprocessError naming the file and the fix on any bad input, before writing anything if it is a bad
+    out_path. A failure, Ctrl-C included, leaves no folder that it created."""
     if resize not in RESIZE_METHODS:
         raise PreprocessError(f"unknown resize method {resize!r}; choose one of {', '.join(RESIZE_METHODS)}")
     out_path = Path(out_path)
@@ -499,61 +347,37 @@ def preprocess(zips_dir, out_path, force=False, resize="nearest"):
         return out_path
 
     started = time.perf_counter()
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise PreprocessError(
-            f"cannot create the output folder {out_path.parent} ({error}). Choose another --out."
-        ) from error
-    # Fail now, not after the slow part, if the folder cannot take new files.
-    probe_file, probe_path = open_temporary(out_path.parent, out_path.name)
-    probe_file.close()
-    probe_path.unlink()
-
-    zip_paths = ensure_zips(zips_dir)
-    class_names, jobs = [], []
-    for spec, zip_path in zip(ZIPS, zip_paths):
-        characters = list_characters(zip_path, spec)
-        class_names += [name for name, _ in characters]
-        # One job per alphabet: big enough to amortise opening the zip, small enough to balance.
-        members_of_alphabet = defaultdict(list)
-        for name, members in characters:
-            members_of_alphabet[name.rsplit("/", 1)[0]] += members
-        jobs += [(zip_path, members) for members in members_of_alphabet.values()]
-
-    drawing_count = len(class_names) * DRAWINGS_PER_CHARACTER
-    drawings = decode_all(jobs, resize, drawing_count)  # [1623 * 20, 28, 28]
-    omniglot = drawings.reshape(len(class_names), DRAWINGS_PER_CHARACTER, 1, IMAGE_SIZE, IMAGE_SIZE)
-
-    sidecar = {
-        "shape": list(omniglot.shape),
-        "dtype": str(omniglot.dtype),
-        "pixels": "1.0 = pen stroke, 0.0 = background",
-        "resize": resize,
-        "order": "images_background then images_evaluation; alphabets, characters and "
-        "drawings each sorted by name",
-        "classes": class_names,
-        "sources": {
-            path.name: {"size": path.stat().st_size, "md5": file_md5(path)} for path in zip_paths
-        },
-        "versions": {
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "pillow": PIL.__version__,
-        },
-    }
-    save_omniglot(out_path, omniglot, sidecar)
-
-    seconds = time.perf_counter() - started
+    with new_folders_removed_on_failure(out_path.parent.absolute(), Path(zips_dir).absolute()):
+        try:  # fail now, not after the slow part, if the folder cannot take new files
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=out_path.parent).close()
+        except OSError as error:
+            raise PreprocessError(f"cannot write to the output folder {out_path.parent} ({error}). "
+                                  f"Choose another --out or make the folder writable.") from error
+        zip_paths = ensure_zips(zips_dir)
+        omniglot = np.empty((class_count, DRAWINGS_PER_CHARACTER, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+        class_names = []
+        with tqdm.tqdm(total=class_count * DRAWINGS_PER_CHARACTER, unit="drawing", desc="decoding") as bar:
+            for spec, zip_path in zip(ZIPS, zip_paths):
+                class_names += read_zip(zip_path, spec, resize, omniglot[len(class_names):], bar)
+        save_omniglot(out_path, omniglot, {
+            "shape": list(omniglot.shape), "dtype": str(omniglot.dtype),
+            "pixels": "1.0 = pen stroke, 0.0 = background", "resize": resize,
+            "order": "images_background then images_evaluation; alphabets, characters and drawings each sorted by "
+                     "name",
+            "classes": class_names,
+            "sources": {path.name: {"size": path.stat().st_size, "md5": file_md5(path)} for path in zip_paths},
+            "versions": {"python": platform.python_version(), "numpy": np.__version__, "pillow": PIL.__version__},
+        })
     print(f"Wrote {out_path} {omniglot.shape} and {sidecar_path(out_path).name}: "
-          f"{drawing_count:,} drawings in {seconds:.1f} s.")
+          f"{class_count * DRAWINGS_PER_CHARACTER:,} drawings in {time.perf_counter() - started:.1f} s.")
     return out_path
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="preprocess_omniglot.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--zips", default="data/", help="folder holding (or receiving) the two zips")
-    parser.add_argument("--out", default="data/omniglot.npy", help="output array; the sidecar goes beside it")
+    parser.add_argument("--out", default="data/omniglot.npy", help="output array (.npy); its sidecar goes beside it")
     parser.add_argument("--force", action="store_true", help="rebuild even if a valid output exists")
     parser.add_argument("--resize", choices=RESIZE_METHODS, default="nearest",
                         help="nearest: as the MAML reference (default); lanczos: antialiased")
@@ -564,8 +388,11 @@ def main(argv=None):
         status = 1  # from here on: bad input data, or a failed download or write
         preprocess(args.zips, args.out, force=args.force, resize=args.resize)
     except PreprocessError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return status
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted; nothing half-written is left", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -7,6 +7,7 @@ import os
 import pickle
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,7 @@ from PIL import Image
 import preprocess_omniglot
 from preprocess_omniglot import PreprocessError, load_omniglot, main, preprocess
 
-from conftest import FAKE_BACKGROUND, FAKE_EVALUATION, require_real_zips
+from conftest import FAKE_BACKGROUND, FAKE_EVALUATION
 
 FAKE_CLASS_COUNT = sum(FAKE_BACKGROUND.values()) + sum(FAKE_EVALUATION.values())
 
@@ -164,7 +165,7 @@ def test_bad_zip_fails_clearly_and_leaves_no_output(fake_zips, tmp_path, capsys,
     error = capsys.readouterr().err
     assert str(background_zip) in error
     assert message in error
-    assert outputs_in(out_dir) == []
+    assert not out_dir.exists()  # the output folder it created, removed again
 
 
 def test_unwritable_output_folder_fails_clearly(fake_zips, tmp_path, capsys):
@@ -183,6 +184,15 @@ def test_offline_without_zips_says_where_to_put_them(tmp_path, capsys):
     for zip_name in ("images_background.zip", "images_evaluation.zip"):
         assert str(zips_dir.resolve() / zip_name) in error
     assert outputs_in(tmp_path) == []
+    assert not zips_dir.exists()  # created to receive the downloads, removed again
+
+
+def test_an_array_in_new_folders_without_zips_leaves_no_folder(tmp_path):
+    """As training does for a --data that does not exist: the zips are looked for beside the array."""
+    out_path = tmp_path / "new" / "data" / "omniglot.npy"
+    with pytest.raises(PreprocessError, match="put the two Omniglot zips here"):
+        preprocess(out_path.parent, out_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_zip_is_downloaded(fake_zips, tmp_path, monkeypatch):
@@ -234,74 +244,25 @@ def test_real_data(real_omniglot_npy):
 
 
 # ---------------------------------------------------------------------------------------------
-# Reliability: workers die with the script, the pair is always consistent, a bad --out is refused.
+# Reliability: the pair is always consistent, a bad --out or flag is refused, Ctrl-C leaves nothing.
 # ---------------------------------------------------------------------------------------------
 
 SCRIPT = Path(preprocess_omniglot.__file__)
 
 
-def process_state(pid):
-    """The state letter of process pid ("R", "S", "Z" for a zombie, ...), or None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return stat.rsplit(")", 1)[1].split()[0]  # after the command name, which may hold spaces
-
-
-def is_alive(pid):
-    return process_state(pid) not in (None, "Z")  # a killed orphan may wait as a zombie for init to reap it
-
-
-def child_pids(pid):
-    """The living children of process pid, found through /proc/*/stat (field 4 is the parent's pid)."""
-    children = []
-    for stat_path in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            state, parent = stat_path.read_text().rsplit(")", 1)[1].split()[:2]
-        except OSError:  # ended meanwhile
-            continue
-        if int(parent) == pid and state != "Z":
-            children.append(int(stat_path.parent.name))
-    return children
-
-
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="lists processes through /proc (Linux)")
-def test_workers_die_when_the_script_is_killed(tmp_path):
-    command = [sys.executable, str(SCRIPT), "--zips", str(require_real_zips()), "--out",
-               str(tmp_path / "omniglot.npy")]
-    script = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    workers = []
-    try:
-        deadline = time.monotonic() + 30
-        while len(workers) < preprocess_omniglot.WORKERS and script.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-            workers = child_pids(script.pid)
-        assert len(workers) == preprocess_omniglot.WORKERS, f"the pool's workers never started: {workers}"
-
-        script.kill()  # SIGKILL: the script runs no cleanup
-        script.wait()
-        deadline = time.monotonic() + 5
-        while any(map(is_alive, workers)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not [pid for pid in workers if is_alive(pid)], "workers outlived the killed script"
-    finally:
-        script.kill()
-        script.wait()
-        for pid in workers:  # only the workers this test started, should they have survived
-            if is_alive(pid):
-                os.kill(pid, signal.SIGKILL)
+def run_child(code):
+    """Run code in a new Python process that has imported preprocess_omniglot with this test's ZIPS."""
+    preamble = (f"import os, signal\nimport preprocess_omniglot\nfrom preprocess_omniglot import ZipSpec\n"
+                f"preprocess_omniglot.ZIPS = {preprocess_omniglot.ZIPS!r}\n")
+    return subprocess.run([sys.executable, "-c", preamble + textwrap.dedent(code)], cwd=SCRIPT.parent,
+                          capture_output=True, text=True)
 
 
 def test_a_kill_between_the_two_renames_leaves_no_pair_that_is_trusted(fake_output, fake_zips, capsys):
     out_path = fake_output  # made with resize="nearest"
     # Rebuild with lanczos in a child process that is killed (SIGKILL: no cleanup runs) at its second
     # rename, so that one file of the pair is new and the other old.
-    child = textwrap.dedent(f"""
-        import os, signal
-        import preprocess_omniglot
-        from preprocess_omniglot import ZipSpec
-        preprocess_omniglot.ZIPS = {preprocess_omniglot.ZIPS!r}
+    child_run = run_child(f"""
         renames = []
         def replace_but_die_at_the_second(source, destination, replace=os.replace):
             renames.append(destination)
@@ -311,7 +272,6 @@ def test_a_kill_between_the_two_renames_leaves_no_pair_that_is_trusted(fake_outp
         os.replace = replace_but_die_at_the_second
         preprocess_omniglot.preprocess({str(fake_zips)!r}, {str(out_path)!r}, force=True, resize="lanczos")
     """)
-    child_run = subprocess.run([sys.executable, "-c", child], cwd=SCRIPT.parent, capture_output=True, text=True)
     assert child_run.returncode == -signal.SIGKILL, child_run.stderr
 
     stale_resize = json.loads(out_path.with_suffix(".json").read_text())["resize"]
@@ -337,12 +297,74 @@ def test_an_out_that_names_a_folder_is_refused_before_anything_is_written(fake_z
     assert sorted(tmp_path.rglob("*")) == before
 
 
-def test_an_out_that_names_its_own_sidecar_is_refused(fake_zips, tmp_path, capsys):
-    out_path = tmp_path / "omniglot.json"
+@pytest.mark.parametrize("name", ["omniglot.np", "omniglot", "omniglot.json"])
+def test_an_out_not_ending_in_npy_is_refused_and_the_pair_beside_it_kept(fake_output, fake_zips, capsys, name):
+    """A typo'd name must not build a second array whose sidecar (omniglot.json) is the first one's."""
+    pair = {path: path.read_bytes() for path in (fake_output, fake_output.with_suffix(".json"))}
+    out_path = fake_output.with_name(name)
     assert main(["--zips", str(fake_zips), "--out", str(out_path)]) == 2
     [error] = messages(capsys.readouterr().err)
-    assert str(out_path) in error and "--out " + str(tmp_path / "omniglot.npy") in error
-    assert outputs_in(tmp_path) == []
+    assert f"{out_path} does not end in .npy" in error and "e.g. " + str(fake_output) in error
+    assert outputs_in(fake_output.parent) == ["omniglot.json", "omniglot.npy"]
+    assert {path: path.read_bytes() for path in pair} == pair
+    load_omniglot(fake_output)
+
+
+@pytest.mark.parametrize("bad_flag, expected", [
+    (["--resize", "bicubic"], "argument --resize: invalid choice: 'bicubic'"),
+    (["--zips", "data/", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_a_bad_flag_is_one_line_with_exit_status_2(capsys, bad_flag, expected):
+    with pytest.raises(SystemExit) as exit_:
+        main(bad_flag)
+    assert exit_.value.code == 2
+    [error] = capsys.readouterr().err.splitlines()  # no usage dump
+    assert error.startswith(f"preprocess_omniglot.py: error: {expected}")
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)], ids=["umask-022", "umask-027"])
+def test_the_pair_gets_the_permissions_the_umask_gives_new_files(fake_zips, tmp_path, umask, mode):
+    previous_umask = os.umask(umask)
+    try:
+        out_path = preprocess(fake_zips, tmp_path / "omniglot.npy")
+    finally:
+        os.umask(previous_umask)
+    assert [stat.S_IMODE(path.stat().st_mode) for path in (out_path, out_path.with_suffix(".json"))] == [mode, mode]
+
+
+INTERRUPTED = "preprocess_omniglot.py: interrupted; nothing half-written is left"
+
+
+def test_ctrl_c_while_decoding_is_one_line_with_exit_status_130_and_leaves_nothing(fake_zips, tmp_path):
+    out_path = tmp_path / "new" / "omniglot.npy"
+    child_run = run_child(f"""
+        decode_drawing, decoded = preprocess_omniglot.decode_drawing, []
+        def decode_but_press_ctrl_c_at_the_third(png_bytes, resize):
+            decoded.append(png_bytes)
+            if len(decoded) == 3:
+                os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C in a terminal sends
+            return decode_drawing(png_bytes, resize)
+        preprocess_omniglot.decode_drawing = decode_but_press_ctrl_c_at_the_third
+        raise SystemExit(preprocess_omniglot.main(["--zips", {str(fake_zips)!r}, "--out", {str(out_path)!r}]))
+    """)
+    assert child_run.returncode == 130, child_run.stderr
+    assert messages(child_run.stderr) == [INTERRUPTED]
+    assert not out_path.parent.exists()
+
+
+def test_ctrl_c_while_writing_takes_effect_once_the_pair_is_written(fake_zips, tmp_path):
+    out_path = tmp_path / "omniglot.npy"
+    child_run = run_child(f"""
+        def replace_but_press_ctrl_c_first(source, destination, replace=os.replace):
+            os.kill(os.getpid(), signal.SIGINT)
+            replace(source, destination)
+        os.replace = replace_but_press_ctrl_c_first
+        raise SystemExit(preprocess_omniglot.main(["--zips", {str(fake_zips)!r}, "--out", {str(out_path)!r}]))
+    """)
+    assert child_run.returncode == 130, child_run.stderr
+    assert messages(child_run.stderr) == [INTERRUPTED]
+    assert outputs_in(tmp_path) == ["omniglot.json", "omniglot.npy"]
+    assert preprocess_omniglot.existing_output_is_valid(out_path, "nearest", FAKE_CLASS_COUNT)
 
 
 def test_a_failed_rename_leaves_nothing_behind(fake_zips, tmp_path, capsys, monkeypatch):
@@ -454,6 +476,16 @@ def test_load_omniglot_refuses_what_it_cannot_trust(fake_output, monkeypatch, da
     message = str(refusal.value)
     assert expected in message and str(fake_output) in message and "\n" not in message
     assert "preprocess_omniglot.py" in message or "e.g. " + str(fake_output / "omniglot.npy") in message
+
+
+def test_load_omniglot_refuses_an_array_not_ending_in_npy(fake_output):
+    """Its sidecar would be another array's: omniglot.np's would be omniglot.npy's omniglot.json."""
+    typo = fake_output.with_suffix(".np")
+    shutil.copy(fake_output, typo)  # the very bytes that omniglot.json records
+    with pytest.raises(PreprocessError) as refusal:
+        load_omniglot(typo)
+    assert str(refusal.value).startswith(f"{typo} does not end in .npy")
+    assert str(refusal.value).endswith(f"e.g. {fake_output}")
 
 
 def test_load_omniglot_keeps_the_training_wording_for_a_wrong_shape(tmp_path):
