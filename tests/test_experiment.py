@@ -7,6 +7,9 @@ synchronisation, which costs up to 100x when other processes compete for the cor
 """
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -77,6 +80,8 @@ BAD_ARGUMENTS = [
     (["--task-num", "0"], "--task-num must be at least 1, got 0"),
     (["--update-step", "0"], "--update-step must be at least 1, got 0"),
     (["--update-step-test", "0"], "--update-step-test must be at least 1, got 0"),
+    (["--update-step", "101"], "--update-step 101 is more than 100, which would take hours (the paper takes 1 to 5)"),
+    (["--update-step-test", "101"], "--update-step-test 101 is more than 100, which would take hours"),
     (["--eval-every", "0"], "--eval-every must be at least 1, got 0"),
     (["--eval-tasks", "0"], "--eval-tasks must be at least 1, got 0"),
     (["--test-tasks", "-1"], "--test-tasks must be at least 1, got -1"),
@@ -106,6 +111,16 @@ def test_unwritable_output_folder(tmp_path, capsys, no_training):
     code, err = exit_code_and_stderr(tiny_args(tmp_path / "data.npy", blocker / "out"), capsys)
     assert code == 2 and err.count("\n") == 1
     assert f"--out {blocker / 'out'} cannot be written" in err
+
+
+@pytest.mark.parametrize("key", ["--evaluate", "--plot-only", "--out", "--data"])
+def test_an_empty_path_is_refused_in_one_line_writing_nothing(key, tmp_path, monkeypatch, capsys, no_training):
+    """An empty value (an unset shell variable) is refused, not read as "not given" (training with the
+    defaults into runs/5w1s) or as the current folder."""
+    monkeypatch.chdir(tmp_path)  # where the default --out, runs/5w1s, would be written
+    code, err = exit_code_and_stderr([key, ""], capsys)
+    assert code == 2 and err == f"maml_omniglot.py: error: {key} is empty: give a path (an unset shell variable?)\n"
+    assert os.listdir(tmp_path) == []
 
 
 def test_missing_data_without_zips_or_network_fails_clearly(tmp_path, capsys):
@@ -240,6 +255,22 @@ def test_an_exploding_inner_rate_never_finishes_with_nan_weights(learnable_omnig
                                         "--eval-every", "2", "--checkpoint-every", "1", "--resume")) == 1
 
 
+def test_a_finite_divergence_finishes_with_a_warning_everywhere(learnable_omniglot_npy, tmp_path, capsys):
+    """--update-lr 100 on the tiny data: a finite meta-loss thousands of times a uniform guess's."""
+    out = tmp_path / "out"
+    assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, out, "--update-lr", "100", "--iterations", "1",
+                                        "--eval-every", "1", "--checkpoint-every", "1")) == 0
+    captured = capsys.readouterr()
+    [warning] = json.loads((out / "summary.json").read_text())["warnings"]
+    assert warning.startswith("the meta-loss, ") and "the meta-training has diverged" in warning
+    loss = float(log_rows(out)[1]["loss"])
+    assert np.isfinite(loss) and loss > maml_omniglot.DIVERGED_LOSS * np.log(5) and f"{loss:.3g}" in warning
+    [iteration_line] = [line for line in captured.out.splitlines() if line.startswith("iteration 1: ")]
+    assert iteration_line.endswith(f"; warning: {warning}")
+    [test_line] = [line for line in captured.out.splitlines() if line.startswith("test accuracy")]
+    assert test_line.endswith(f" (warning: {warning})")
+
+
 def test_resume_with_another_configuration_is_refused_naming_the_values(finished_run, tmp_path, capsys,
                                                                         learnable_omniglot_npy):
     out = copy_of_finished_checkpoint(finished_run, tmp_path)
@@ -252,6 +283,7 @@ def test_resume_with_another_configuration_is_refused_naming_the_values(finished
                        "setting: checkpoint '5w1s', now '5w5s'", "update_lr: checkpoint 0.4, now 0.3"):
         assert difference in err
     assert (out / "checkpoint.pt").read_bytes() == before
+    assert os.listdir(out) == ["checkpoint.pt"]  # the folder as it was: no .lock left behind
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "foreign"])
@@ -373,6 +405,42 @@ def test_a_folder_in_use_by_another_run_is_refused_naming_the_holder(learnable_o
     assert f"--out {out} is being written by process {os.getpid()} on " in err
 
 
+def test_a_folder_in_use_is_refused_before_its_files_are_read(finished_run, learnable_omniglot_npy, tmp_path,
+                                                             capsys, no_training):
+    """The folder's checks (here: a finished summary.json) are made under the lock, so the refusal is the
+    lock's: another process may be changing the files."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_bytes((finished_run / "summary.json").read_bytes())
+    with run_files.FolderLock(str(out)):
+        code, err = exit_code_and_stderr(tiny_args(learnable_omniglot_npy, out), capsys)
+        assert sorted(os.listdir(out)) == [".lock", "summary.json"]
+    assert code == 2 and err.count("\n") == 1
+    assert f"--out {out} is being written by process {os.getpid()} on " in err
+
+
+def test_evaluate_into_a_folder_in_use_is_refused_naming_the_holder(finished_run, tmp_path, capsys, no_training):
+    out = tmp_path / "out"
+    out.mkdir()
+    with run_files.FolderLock(str(out)):
+        code, err = exit_code_and_stderr(["--evaluate", str(finished_run / "model.pt"), "--out", str(out)], capsys)
+        assert os.listdir(out) == [".lock"]  # the holder's, and no evaluation.json
+    assert code == 2 and err.count("\n") == 1
+    assert f"--out {out} is being written by process {os.getpid()} on " in err
+
+
+def test_the_lock_holder_removes_the_temporary_files_of_dead_processes_only(tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    dead = int(finished.stdout)  # a process that has ended (and been reaped)
+    assert not run_files.alive(dead) and run_files.alive(os.getpid())
+    left = {"dead": f"checkpoint.pt.{dead}.tmp", "live": f"log.csv.{os.getpid()}.tmp", "other": "notes.txt"}
+    for name in left.values():
+        (tmp_path / name).write_text("partial")
+    with run_files.FolderLock(str(tmp_path)):
+        assert sorted(os.listdir(tmp_path)) == sorted([".lock", left["live"], left["other"]])
+
+
 def test_ctrl_c_while_loading_leaves_nothing(learnable_omniglot_npy, tmp_path, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -404,6 +472,56 @@ def test_ctrl_c_during_the_test_keeps_the_checkpoint_and_resume_finishes(finishe
     assert log_rows(out) == log_rows(finished_run)
 
 
+def test_a_signal_during_training_is_announced_at_once(capsys):
+    """Unit test of the handler: the stop is said when the signal comes, not minutes later at the checkpoint."""
+    stop = maml_omniglot.StopRequested(writer=True)
+    stop.handle(signal.SIGINT, None)
+    assert capsys.readouterr().err == ("SIGINT: stopping after this iteration (and its validation, if it has one), "
+                                       "with a checkpoint\n")
+    assert stop.signum == signal.SIGINT
+    stop.handle(signal.SIGINT, None)  # a second Ctrl-C: the stop is already on its way
+    assert capsys.readouterr().err == ""
+
+
+def test_an_interrupted_run_has_the_curves_of_its_last_validation(learnable_omniglot_npy, tmp_path, monkeypatch,
+                                                                 capsys):
+    evaluate = maml_omniglot.evaluate
+
+    def interrupted_test(meta_learner, sampler, split, n_tasks):
+        if split == "test":
+            raise KeyboardInterrupt
+        return evaluate(meta_learner, sampler, split, n_tasks)
+
+    monkeypatch.setattr(maml_omniglot, "evaluate", interrupted_test)
+    out = tmp_path / "out"
+    assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, out, "--iterations", "3")) == 130
+    assert json.loads((out / "summary.json").read_text())["status"] == "in progress"
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sigterm_during_the_final_test_stops_at_once_and_resume_finishes(finished_run, learnable_omniglot_npy,
+                                                                         tmp_path, monkeypatch, capsys):
+    """After the last checkpoint nothing is lost by stopping at once: the test is stopped, not finished first."""
+    evaluate = maml_omniglot.evaluate
+
+    def sigterm_during_the_test(meta_learner, sampler, split, n_tasks):
+        if split == "test":
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # the installed handler, as the signal calls it
+        return evaluate(meta_learner, sampler, split, n_tasks)
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(maml_omniglot, "evaluate", sigterm_during_the_test)
+        assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, out)) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"maml_omniglot.py: interrupted (SIGTERM during the final test); {out / 'checkpoint.pt'} is kept: "
+                   f"continue with --resume")
+    assert json.loads((out / "summary.json").read_text())["status"] == "in progress"
+    assert not (out / "model.pt").exists()
+    assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, out, "--resume")) == 0
+    assert log_rows(out) == log_rows(finished_run)
+
+
 def test_a_full_disk_fails_in_one_line_and_leaves_no_temporary_file(learnable_omniglot_npy, tmp_path, monkeypatch,
                                                                     capsys):
     def disk_full(fd):
@@ -416,6 +534,28 @@ def test_a_full_disk_fails_in_one_line_and_leaves_no_temporary_file(learnable_om
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == f"maml_omniglot.py: error: cannot write {out / 'log.csv'}: No space left on device"
     assert os.listdir(out) == []  # no temporary file keeps the disk full
+
+
+def test_a_full_disk_at_the_final_curves_says_the_run_has_finished(learnable_omniglot_npy, tmp_path, monkeypatch,
+                                                                    capsys):
+    out = tmp_path / "out"
+    atomic_write = run_files.atomic_write
+
+    def full_at_the_final_curves(path, data):
+        if path == str(out / "curves.png") and run_files.status_of(str(out)) == "finished":
+            raise run_files.RunFileError(f"cannot write {path}: No space left on device")
+        atomic_write(path, data)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(run_files, "atomic_write", full_at_the_final_curves)
+        assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, out, "--iterations", "3")) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"maml_omniglot.py: error: cannot write {out / 'curves.png'}: No space left on device; the run "
+                   f"has finished (its summary.json and model.pt are written): python maml_omniglot.py --plot-only "
+                   f"{out} draws curves.png")
+    assert json.loads((out / "summary.json").read_text())["status"] == "finished"
+    assert run_files.read_model(str(out / "model.pt"))["config"]["iterations"] == 3
+    assert maml_omniglot.main(["--plot-only", str(out)]) == 0  # the disk has room again: the advice works
 
 
 @pytest.mark.parametrize("seed", ["-1", str(2 ** 32)])
@@ -499,6 +639,13 @@ def test_evaluate_refuses_another_n_way_and_training_flags(finished_run, capsys,
     assert code == 2 and "--k-spt + --k-qry = 21 is more than the 20 drawings" in err
     code, err = exit_code_and_stderr(["--split", "val"], capsys)
     assert code == 2 and "--split is for --evaluate only" in err
+
+
+@pytest.mark.parametrize("extra", [["--setting", "20w1s"], ["--iterations", "0"]], ids=" ".join)
+def test_evaluate_refuses_every_training_flag_given_whatever_its_value(extra, finished_run, capsys, no_training):
+    code, err = exit_code_and_stderr(["--evaluate", str(finished_run / "model.pt"), *extra], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"maml_omniglot.py: error: {extra[0]}: not used by --evaluate")
 
 
 def test_a_meta_batch_too_large_for_memory_fails_in_one_line_leaving_nothing(learnable_omniglot_npy, tmp_path,
