@@ -284,6 +284,8 @@ def read_output(path, class_count):
     if omniglot.shape != expected_shape or omniglot.dtype != np.float32:
         raise PreprocessError(f"{path} holds {omniglot.dtype} {omniglot.shape}, expected float32 {expected_shape}; "
                               f"{rebuild}")
+    if not np.isfinite(omniglot).all():  # else training stops at its first meta-step, blaming the learning rates
+        raise PreprocessError(f"{path} holds pixels that are not finite numbers (NaN or infinity); {rebuild}")
 
     try:
         sidecar = json.loads(sidecar_file.read_text(encoding="utf-8"))

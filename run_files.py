@@ -282,11 +282,14 @@ class EvaluationFolder(FolderLock):
     def __enter__(self):
         if not self.folder:
             return self
-        if status_of(self.folder) == "finished":
-            raise Refused(f"--out {self.folder} holds a finished run, which is never written into again: "
-                          f"choose another --out")
         self.created = writable_folder(self.folder)
-        return super().__enter__()
+        super().__enter__()
+        if status_of(self.folder) == "finished":  # checked under the lock, as RunFolder does
+            error = Refused(f"--out {self.folder} holds a finished run, which is never written into again: "
+                            f"choose another --out")
+            super().__exit__(Refused, error, None)
+            raise error
+        return self
 
     def __exit__(self, *exc):
         if self.folder:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import maml_omniglot
+import preprocess_omniglot
 import results_table
 import run_files
 from conftest import log_rows
@@ -374,12 +375,19 @@ def write_array_its_sidecar_does_not_describe(path, learnable):
     path.with_suffix(".json").write_text(sidecar)
 
 
+def write_array_with_nan_pixels(path, learnable):
+    omniglot = np.load(learnable)
+    omniglot[7, 3, 0, 14, 14] = np.nan
+    preprocess_omniglot.save_omniglot(path, omniglot, {})  # a consistent pair: the sidecar describes it
+
+
 BAD_DATA = {
     "a folder": lambda path, learnable: path.mkdir(),
     "an empty file": lambda path, learnable: path.write_bytes(b""),
     "another format": lambda path, learnable: path.write_text("iteration,split\n0,val\n"),
     "an array without its sidecar": lambda path, learnable: path.write_bytes(learnable.read_bytes()),
     "an array its sidecar does not describe": write_array_its_sidecar_does_not_describe,
+    "an array with NaN pixels": write_array_with_nan_pixels,
 }
 
 
