@@ -281,12 +281,10 @@ def read_output(path, class_count):
     except (ValueError, EOFError) as error:  # a damaged header, missing data, pickled objects
         raise PreprocessError(f"{path} is not a loadable .npy array ({error}); {rebuild}") from error
     expected_shape = (class_count, DRAWINGS_PER_CHARACTER, 1, IMAGE_SIZE, IMAGE_SIZE)
-    if omniglot.shape != expected_shape or omniglot.dtype != np.float32:
-        raise PreprocessError(f"{path} holds {omniglot.dtype} {omniglot.shape}, expected float32 {expected_shape}; "
-                              f"{rebuild}")
-    if not np.isfinite(omniglot).all():  # else training stops at its first meta-step, blaming the learning rates
-        raise PreprocessError(f"{path} holds pixels that are not finite numbers (NaN or infinity); {rebuild}")
-
+    wrong = omniglot.shape != expected_shape or omniglot.dtype != np.float32
+    if wrong or not np.isfinite(omniglot).all():  # NaN pixels would stop training at its first meta-step
+        what = f"{omniglot.dtype} {omniglot.shape}, expected float32 {expected_shape}" if wrong else "NaN or inf pixels"
+        raise PreprocessError(f"{path} holds {what}; {rebuild}")
     try:
         sidecar = json.loads(sidecar_file.read_text(encoding="utf-8"))
     except FileNotFoundError as error:
