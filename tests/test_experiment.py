@@ -195,6 +195,26 @@ def test_plot_only_redraws_from_the_log(finished_run, tmp_path):
         assert sorted(os.listdir(folder)) == ["curves.png", "log.csv"]
 
 
+def test_plot_only_into_a_folder_it_cannot_write_is_one_line(finished_run, tmp_path, monkeypatch, capsys):
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    folder = tmp_path / "plot"
+    folder.mkdir()
+    (folder / "log.csv").write_bytes((finished_run / "log.csv").read_bytes())
+    monkeypatch.setattr(run_files.os, "fsync", disk_full)
+    assert maml_omniglot.main(["--plot-only", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"maml_omniglot.py: error: cannot write {folder / 'curves.png'}: No space left on device\n"
+    assert sorted(os.listdir(folder)) == ["log.csv"]
+
+
+def test_the_iteration_line_names_its_inner_steps_in_good_english(learnable_omniglot_npy, tmp_path, capsys):
+    assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, tmp_path / "out", "--iterations", "3")) == 0
+    out = capsys.readouterr().out
+    assert "(after 1 inner step), val" in out and "(after 3 inner steps)" in out and "1 inner steps" not in out
+
+
 def test_plot_only_without_a_log(tmp_path, capsys):
     code, err = exit_code_and_stderr(["--plot-only", str(tmp_path)], capsys)
     assert code == 2 and f"there is no {tmp_path / 'log.csv'}" in err
