@@ -184,7 +184,8 @@ def describe(summary):
     for segment in summary["segments"]:
         device = segment["device"]["name"]
         if segment["device"]["type"] == "cpu":
-            device += f", {segment['device']['cpu_threads']} threads"
+            threads = segment["device"]["cpu_threads"]
+            device += f", {threads} thread{'s' * (threads != 1)}"
         processes = segment["device"].get("processes", 1)
         if processes > 1:
             device += f" x {processes} processes"

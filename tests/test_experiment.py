@@ -386,7 +386,7 @@ def test_a_resumed_segment_that_runs_differently_is_recorded_and_announced(finis
     summary = json.loads((out / "summary.json").read_text())
     assert [s["device"]["cpu_threads"] for s in summary["segments"]] == [1, 2]
     assert results_table.describe(summary)[3].endswith(
-        ", 1 threads; " + summary["segments"][1]["device"]["name"] + ", 2 threads")
+        ", 1 thread; " + summary["segments"][1]["device"]["name"] + ", 2 threads")
 
 
 def write_array_its_sidecar_does_not_describe(path, learnable):

@@ -368,7 +368,7 @@ def test_a_run_resumed_under_torchrun_names_its_processes():
     run = summary()
     two = dict(run["segments"][0], device=dict(run["device"], cpu_threads=1, processes=2, backend="gloo"))
     run["segments"].append(two)  # the first segment, written before torchrun was supported, has no "processes"
-    assert results_table.describe(run)[3] == "AMD EPYC, 2 threads; AMD EPYC, 1 threads x 2 processes"
+    assert results_table.describe(run)[3] == "AMD EPYC, 2 threads; AMD EPYC, 1 thread x 2 processes"
 
 
 def test_a_publish_killed_midway_leaves_a_hidden_folder_that_is_no_run(root):
