@@ -29,8 +29,9 @@ because task i's loss depends only on task i's fast weights. The same algorithm 
 with nothing batched, is plain_maml.py: read it first.
 
 Or one task after another. The batched path is not faster everywhere: on this project's 2-core CPU it
-beats a per-task loop for 5-way 1-shot tasks, but loses to it for larger tasks (SPEED.md), where its grouped convolutions (and their double backward, which PyTorch runs group by group
-on copied slices) cost more than one task's plain convolutions (README, Speed). `MetaLearner.path` is
+beats a per-task loop for 5-way 1-shot tasks, but loses to it for larger tasks, where its grouped
+convolutions (and their double backward, which PyTorch runs group by group on copied slices) cost more
+than one task's plain convolutions (SPEED.md). `MetaLearner.path` is
 the one rule that picks the path, for the meta-step and finetunning alike; the per-task path runs the
 same code on batches of one task, so both compute the same function, up to float32 rounding
 (tests/test_maml.py compares both with plain_maml.py and with each other).
@@ -120,9 +121,10 @@ class MetaLearner(nn.Module):
 
         The rule, from measurements on this project's 2-core CPU (SPEED.md, "which path, by task size";
         benchmark.py prints both paths and marks the one picked here): the CPU batches tasks of at most
-        CPU_BATCHED_IMAGES images and runs larger ones one by one, whatever the number of inner steps. CUDA always batches: one kernel launch per operation
-        instead of one per task, and one graph (cuda_graph.py). A `batching` other than "auto" overrides
-        the rule (tests and benchmark.py run both paths).
+        CPU_BATCHED_IMAGES images and runs larger ones one by one, whatever the number of inner steps.
+        CUDA always batches: one kernel launch per operation instead of one per task, and one graph
+        (cuda_graph.py). A `batching` other than "auto" overrides the rule (tests and benchmark.py run
+        both paths).
         """
         if self.batching != "auto":
             return self.batching

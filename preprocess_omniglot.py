@@ -283,7 +283,7 @@ def read_output(path, class_count):
     expected_shape = (class_count, DRAWINGS_PER_CHARACTER, 1, IMAGE_SIZE, IMAGE_SIZE)
     wrong = omniglot.shape != expected_shape or omniglot.dtype != np.float32
     if wrong or not np.isfinite(omniglot).all():  # NaN pixels would stop training at its first meta-step
-        what = f"{omniglot.dtype} {omniglot.shape}, expected float32 {expected_shape}" if wrong else "NaN or inf pixels"
+        what = f"{omniglot.dtype} {omniglot.shape}, expected float32 {expected_shape}" if wrong else "NaN/inf pixels"
         raise PreprocessError(f"{path} holds {what}; {rebuild}")
     try:
         sidecar = json.loads(sidecar_file.read_text(encoding="utf-8"))

@@ -134,7 +134,7 @@ def test_first_order_differs_and_equals_detached_inner_gradients():
     # A second way to write first-order MAML: the inner gradients taken with their graph, then detached.
     autograd_grad = torch.autograd.grad
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.autograd, "grad", lambda *args, **kwargs: [g.detach() for g in autograd_grad(*args, **kwargs)])
+        patch.setattr(torch.autograd, "grad", lambda *args, **kw: [g.detach() for g in autograd_grad(*args, **kw)])
         detached_loss, _ = plain_maml.meta_loss(theta, *tasks, k_spt=1, update_lr=0.4, update_step=2)
     detached = torch.autograd.grad(detached_loss, theta)
 
