@@ -374,5 +374,6 @@ def test_the_compiled_path_computes_the_eager_paths_function():
     assert torch.equal(accs, eager_accs) and torch.equal(accs, exact_accs)
     for name, grad, eager_grad, exact_grad in zip(compiled.net.param_names, grads, eager_grads, exact_grads):
         assert torch.linalg.norm(grad - eager_grad) <= 1e-5 * torch.linalg.norm(eager_grad), name
-        error, eager_error = (torch.linalg.norm(g - exact_grad) / torch.linalg.norm(exact_grad) for g in (grad, eager_grad))
+        error, eager_error = (torch.linalg.norm(g - exact_grad) / torch.linalg.norm(exact_grad)
+                              for g in (grad, eager_grad))
         assert error <= max(2 * eager_error, 1e-6), (name, error.item(), eager_error.item())
