@@ -13,14 +13,19 @@ so the numbers measure computation only, not data loading. Protocols:
 
 Printed, as the median seconds per meta-iteration (the whole meta-step, Adam included) and the achieved
 GFLOP/s: MetaLearner.forward with the tasks batched and with the tasks one by one, the arrow marking the
-path that MetaLearner.path picks for this device and workload (the fast path); on CUDA also the
-batched path replayed as one CUDA graph (cuda_graph.py), which is what maml_omniglot.py trains with
-there; the plain per-task loop (plain_maml.py) and the fast path's speed-up over it; test tasks
-adapted per second by finetunning. The FLOPs of a meta-iteration (convolutions and matrix products,
-forward and all backward passes, query accuracy after every inner step included, as every path
-computes it) are counted by torch.utils.flop_counter on the reference loop, because its formula for a
-grouped convolution's backward counts the work once per group. Peak memory: on CUDA each row's own;
-on the CPU the process's largest resident size so far, so only the first row's is its own.
+path that MetaLearner.path picks for this device and workload (the fast path); on the CPU also the
+tasks one by one through the compiled function (batching "compiled", which only asking for it runs),
+its compilation time on a line of its own, before the timings; on CUDA also the batched path replayed
+as one CUDA graph (cuda_graph.py), which is what maml_omniglot.py trains with there; the plain per-task
+loop (plain_maml.py) and the speed-ups over it of the fast path and of the compiled one; test tasks
+adapted per second by finetunning on the fast path. The paths take turns, one meta-iteration each, after
+one warm-up each, so that other work on the machine slows them all alike. Compiled kernels keep the
+thread count they were compiled with: for another count, run another process (OMP_NUM_THREADS=1).
+The FLOPs of a meta-iteration (convolutions and matrix products, forward and all backward passes, query
+accuracy after every inner step included, as every path computes it) are counted by
+torch.utils.flop_counter on the reference loop, because its formula for a grouped convolution's backward
+counts the work once per group. Peak memory: on CUDA each row's own;
+on the CPU the process's largest resident size, the same for every row.
 """
 
 import resource
@@ -43,16 +48,26 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def median_seconds(step, device, repeats):
-    step()  # warm-up: allocator, oneDNN/cuDNN kernel choices
-    times = []
+def seconds_of(step, device):
+    sync(device)
+    start = time.perf_counter()
+    step()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def median_seconds(steps, device, repeats):
+    """{name: step} -> ({name: median seconds of a call}, {name: peak memory in MiB}), the steps taking turns
+    `repeats` times after their warm-ups (allocator, oneDNN/cuDNN kernel choices, compilation)."""
+    times = {name: [] for name in steps}
+    peaks = dict.fromkeys(steps, 0.0)
     for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times[name].append(seconds_of(step, device))
+            peaks[name] = max(peaks[name], peak_memory_mib(device))
+    return {name: statistics.median(t) for name, t in times.items()}, peaks
 
 
 def flops_of(step):
@@ -97,7 +112,7 @@ def main(argv=None):
     images_per_task = n_way * (k_spt + k_qry)
     fast_path = meta_learner.path(device, images_per_task)  # what the rule picks here (batching "auto")
 
-    def eager_step(batching):
+    def path_step(batching):
         def step():
             meta_learner.batching = batching
             meta_learner(*batch)
@@ -110,6 +125,7 @@ def main(argv=None):
                              update_step=update_step, first_order=args.first_order)
 
     def test_step():
+        meta_learner.batching = "auto"
         meta_learner.finetunning(*batch)
 
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
@@ -120,24 +136,34 @@ def main(argv=None):
     print(f"a meta-iteration is {work / 1e9:.1f} GFLOP; the fast path on {device.type} for tasks of "
           f"{images_per_task} images: {fast_path} (MetaLearner.path, for finetunning too)")
 
-    def report(name, step, note=""):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seconds = median_seconds(step, device, args.repeats)
-        print(f"{name:<27} {seconds:8.4f} s/it  {work / seconds / 1e9:7.1f} GFLOP/s  "
-              f"peak memory {peak_memory_mib(device):,.0f} MiB{note}")
-        return seconds
-
-    seconds = {batching: report(f"meta-step, {batching}", eager_step(batching),
-                                "  <- fast path" if batching == fast_path else "")
-               for batching in ("batched", "per task")}
+    steps = {f"meta-step, {batching}": path_step(batching) for batching in ("batched", "per task")}
+    if device.type == "cpu" and not args.first_order:  # the compiled path is second order only
+        steps["meta-step, compiled"] = path_step("compiled")
     if device.type == "cuda":
-        meta_learner.batching = "auto"
-        report("meta-step, CUDA graph", graphed_step, "  <- maml_omniglot.py (the batched path, replayed)")
+        steps["meta-step, CUDA graph"] = graphed_step
     if not args.skip_reference:
-        reference_seconds = report("reference loop", reference_step)
-        print(f"speed-up of the fast path over the loop: {reference_seconds / seconds[fast_path]:.2f} x")
-    test_seconds = median_seconds(test_step, device, args.repeats)
+        steps["reference loop"] = reference_step
+    for name, step in steps.items():
+        warm_up = seconds_of(step, device)
+        if name == "meta-step, compiled":
+            done = "compiled" if meta_learner.compiler_works else "not compiled: it ran per task, eager"
+            print(f"the compiled path's first meta-step, {done}: {warm_up:.1f} s")
+    seconds, peaks = median_seconds(steps, device, args.repeats)
+    notes = {f"meta-step, {fast_path}": "  <- fast path",
+             "meta-step, CUDA graph": "  <- maml_omniglot.py (the batched path, replayed)"}
+    for name in steps:
+        print(f"{name:<27} {seconds[name]:8.4f} s/it  {work / seconds[name] / 1e9:7.1f} GFLOP/s  "
+              f"peak memory {peaks[name]:,.0f} MiB{notes.get(name, '')}")
+    fast, compiled = seconds[f"meta-step, {fast_path}"], seconds.get("meta-step, compiled")
+    if compiled:
+        per_task = seconds["meta-step, per task"]
+        print(f"speed-up of the compiled path over the per-task path: {per_task / compiled:.2f} x")
+    if not args.skip_reference:
+        print(f"speed-up of the fast path over the loop: {seconds['reference loop'] / fast:.2f} x")
+        if compiled:
+            print(f"speed-up of the compiled path over the loop: {seconds['reference loop'] / compiled:.2f} x")
+    test_step()  # warm-up
+    test_seconds = median_seconds({"finetunning": test_step}, device, args.repeats)[0]["finetunning"]
     print(f"finetunning {tasks / test_seconds:8.1f} test tasks/s with {setting['update_step_test']} steps "
           f"({600 * test_seconds / tasks:.2f} s for 600 tasks)")
 

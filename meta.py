@@ -36,6 +36,14 @@ the one rule that picks the path, for the meta-step and finetunning alike; the p
 same code on batches of one task, so both compute the same function, up to float32 rounding
 (tests/test_maml.py compares both with plain_maml.py and with each other).
 
+Or one task after another through a compiled function, only when asked for (batching "compiled", second
+order only): each task's query loss after its inner steps is written with torch.func (task_meta_loss),
+each inner gradient torch.func.grad of the support loss, and the whole differentiated by torch.func.grad
+again and compiled by torch.compile (inductor) into one graph, called once per task: (∇θ L_query,i,
+L_query,i, accuracies) (compiled_meta_loss). The same function as the eager paths, to float32 rounding
+(tests/test_maml.py); the first call compiles, once per process, thread count and shape. Without a C++
+compiler the eager per-task path runs instead, with one line saying so.
+
 One meta-step without waiting for the device. `step_tensors` is the whole meta-step (zero the
 gradients, meta-loss, backward, finiteness check, Adam step) on tensors alone: no number is read on the
 host and no branch depends on one, so that cuda_graph.py can capture it as one CUDA graph and replay
@@ -54,13 +62,17 @@ One 5w1s meta-iteration (T = 32, N = 5, K = Q = 1, one inner step), from the sam
     guarded_step              one Adam step on θ (undone if not finite)
 """
 
+import functools
+import sys
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from learner import BaseNet
 
-BATCHINGS = ("auto", "batched", "per task")  # MetaLearner's `batching`: "auto" lets MetaLearner.path decide
+# MetaLearner's `batching`: "auto" lets MetaLearner.path decide; "compiled" is only ever asked for
+BATCHINGS = ("auto", "batched", "per task", "compiled")
 CPU_BATCHED_IMAGES = 20  # on the CPU, tasks of at most this many images (support + query) run batched
 
 
@@ -77,6 +89,29 @@ def one_by_one(*batch):
 def all_finite(tensors):
     """Whether every number in `tensors` is finite, as a bool tensor on their device (nothing is read)."""
     return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
+class PrecomputedGradient(torch.autograd.Function):
+    """A loss whose gradient is already known: apply(loss, gradients, *inputs) is `loss`, and its backward
+    hands grad_output * gradients[i] to inputs[i]. The compiled path (MetaLearner.compiled_meta_loss)
+    computes θ's meta-gradient with the loss; this makes its loss backpropagate as the eager paths' does."""
+
+    @staticmethod
+    def forward(ctx, loss, gradients, *inputs):
+        ctx.gradients = gradients
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return None, None, *(grad_output * g for g in ctx.gradients)
+
+
+@functools.cache
+def task_meta_gradient():
+    """MetaLearner.task_meta_loss differentiated with respect to its `params` by torch.func.grad and
+    compiled whole (inductor, one graph per shape, built at the first call): (gradients, (loss, accs)).
+    The learner is an argument, not a bound self, so that copies of a learner never share its closure."""
+    return torch.compile(torch.func.grad(MetaLearner.task_meta_loss, argnums=1, has_aux=True), dynamic=False)
 
 
 class NonFiniteError(ArithmeticError):
@@ -108,6 +143,7 @@ class MetaLearner(nn.Module):
         self.update_step_test = update_step_test
         self.first_order = first_order
         self.batching = batching
+        self.compiler_works = True  # until torch.compile fails here once: then "compiled" runs "per task"
         self.net = network(n_way)
         self.meta_optim = torch.optim.Adam(self.theta(), lr=meta_lr)
 
@@ -117,7 +153,9 @@ class MetaLearner(nn.Module):
 
     def path(self, device, images_per_task):
         """How a batch of tasks of `images_per_task` images each (N*K support + N*Q query) runs on `device`:
-        "batched" (all at once) or "per task" (one after another), for the meta-step and finetunning.
+        "batched" (all at once) or "per task" (one after another), for the meta-step and finetunning, or
+        "compiled" (the meta-step one task after another through a compiled function, compiled_meta_loss;
+        finetunning per task), which only `batching` asks for.
 
         The rule, from measurements on this project's 2-core CPU (SPEED.md, "which path, by task size";
         benchmark.py prints both paths and marks the one picked here): the CPU batches tasks of at most
@@ -164,8 +202,18 @@ class MetaLearner(nn.Module):
         the accuracies are the means over the tasks of each task's, the same numbers since every task
         has N*Q query examples.
         """
-        if self.path(x_spt.device, x_spt.shape[1] + x_qry.shape[1]) == "batched":
+        path = self.path(x_spt.device, x_spt.shape[1] + x_qry.shape[1])
+        if path == "batched":
             return self.batch_meta_loss(x_spt, y_spt, x_qry, y_qry)
+        if path == "compiled" and self.first_order:
+            raise ValueError("batching 'compiled' is second-order MAML only")
+        if path == "compiled" and self.compiler_works:
+            try:
+                return self.compiled_meta_loss(x_spt, y_spt, x_qry, y_qry)
+            except torch._dynamo.exc.BackendCompilerFailed as error:  # no C++ compiler, for one
+                self.compiler_works = False
+                print(f"meta.py: torch.compile failed, the tasks run per task, eager: {str(error).splitlines()[0]}",
+                      file=sys.stderr)
         losses, accs = zip(*(self.batch_meta_loss(*task) for task in one_by_one(x_spt, y_spt, x_qry, y_qry)))
         return torch.stack(losses).mean(), torch.stack(accs).mean(dim=0)
 
@@ -189,6 +237,49 @@ class MetaLearner(nn.Module):
                 loss = F.cross_entropy(logits.flatten(0, 1), y_qry.flatten())
                 accs.append(accuracy_per_task(logits.detach(), y_qry).mean())
         return loss, torch.stack(accs)
+
+    def task_meta_loss(self, params, x_spt, y_spt, x_qry, y_qry):
+        """batch_meta_loss of one task written with torch.func, for compiled_meta_loss: (loss, (loss, accs)).
+
+        x_spt [1, N*K, 1, 28, 28], y_spt [1, N*K], x_qry [1, N*Q, 1, 28, 28], y_qry [1, N*Q]; `params` in
+        the network's order, shared by the fast weights' start. Each inner step is torch.func.grad of the
+        support loss, θ' ← θ' − α ∇L_support(θ'), and task_meta_gradient differentiates the whole by
+        torch.func.grad again: nested transforms keep the second-order terms, and torch.compile turns
+        them into one graph (autograd.grad with create_graph inside a compiled function does not: inductor
+        refuses or gets the double backward wrong). The accuracies read only an argmax, so they
+        contribute nothing to the gradient; the loss is returned a second time as the auxiliary output
+        beside them, since the gradient replaces the function's value.
+        """
+        def support_loss(fast_weights):
+            return self.support_loss(self.net(x_spt, fast_weights), y_spt).sum()
+
+        fast_weights = params
+        accs = []
+        for _ in range(self.update_step):
+            accs.append(accuracy_per_task(self.net(x_qry, fast_weights), y_qry)[0])
+            grads = torch.func.grad(support_loss)(fast_weights)
+            fast_weights = [w - self.update_lr * g for w, g in zip(fast_weights, grads)]
+        logits = self.net(x_qry, fast_weights)  # [1, N*Q, N]
+        loss = F.cross_entropy(logits[0], y_qry[0])
+        accs.append(accuracy_per_task(logits, y_qry)[0])
+        return loss, (loss, torch.stack(accs))
+
+    def compiled_meta_loss(self, x_spt, y_spt, x_qry, y_qry):
+        """meta_loss one task after another, each task's loss, accuracies and meta-gradient ∇θ L_query,i from
+        one call of task_meta_gradient. The meta-gradient (1/T) Σᵢ ∇θ L_query,i is summed here and
+        reaches θ's .grad when the loss is backpropagated (PrecomputedGradient), as the eager paths' does.
+        """
+        theta = list(self.net.parameters())
+        params = [p.detach() for p in theta]
+        gradients, losses, accs = None, [], []
+        for task in one_by_one(x_spt, y_spt, x_qry, y_qry):
+            task_gradients, (loss, task_accs) = task_meta_gradient()(self, params, *task)
+            gradients = task_gradients if gradients is None else [g + t for g, t in zip(gradients, task_gradients)]
+            losses.append(loss)
+            accs.append(task_accs)
+        tasks = x_spt.shape[0]
+        loss = PrecomputedGradient.apply(torch.stack(losses).mean(), [g / tasks for g in gradients], *theta)
+        return loss, torch.stack(accs).mean(dim=0)
 
     def step_tensors(self, x_spt, y_spt, x_qry, y_qry):
         """One meta-step, computed on the device without reading any number: what forward runs, and what
@@ -284,7 +375,7 @@ class MetaLearner(nn.Module):
         without a graph, since nothing differentiates through them. Returns a numpy array of
         update_step_test + 1 accuracies averaged over the tasks, or [T, update_step_test + 1] with
         per_task=True; index 0 is the accuracy before any inner step (chance, 1/N, before training).
-        The tasks run all at once or one by one, as `path` says.
+        The tasks run all at once or one by one, as `path` says ("compiled": one by one, eager).
         """
         if x_spt.dim() == 4:
             x_spt, y_spt, x_qry, y_qry = x_spt[None], y_spt[None], x_qry[None], y_qry[None]

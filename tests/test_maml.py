@@ -352,3 +352,28 @@ def test_unadapted_accuracy_at_initialisation_is_chance(real_omniglot_npy):
     accs = np.concatenate([meta_learner.finetunning(*data.next("val"), per_task=True) for _ in range(8)])
     assert accs.shape == (400, 2)
     assert abs(accs[:, 0].mean() - 0.2) < 0.03  # 400 tasks x 25 queries: standard error 0.004
+
+
+def test_the_compiled_path_computes_the_eager_paths_function():
+    """batching "compiled" (each task's meta-gradient from one compiled torch.func function) against the eager
+    per-task path: the same loss, accuracies and θ.grad to float32 rounding, and a meta-gradient as close to a
+    float64 eager computation's as the eager path's own, which only second order gives. Small shapes, so that
+    the compilation (once per process and shape) stays short."""
+    compiled, eager = learner_and_copies(1, batching="compiled", update_step=1)
+    eager.batching = "per task"
+    exact = copy.deepcopy(eager).double()
+    tasks = random_tasks(3, 5, 1, 1, torch.Generator().manual_seed(50))
+    results = {}
+    for meta_learner, dtype in ((compiled, torch.float32), (eager, torch.float32), (exact, torch.float64)):
+        loss, accs = meta_learner.meta_loss(*(t.to(dtype) if t.is_floating_point() else t for t in tasks))
+        loss.backward()
+        results[meta_learner] = loss.detach().double(), accs.double(), [p.grad.double() for p in meta_learner.theta()]
+    assert compiled.compiler_works
+    (loss, accs, grads), (eager_loss, eager_accs, eager_grads), (_, exact_accs, exact_grads) = results.values()
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=0)
+    assert torch.equal(accs, eager_accs) and torch.equal(accs, exact_accs)
+    for name, grad, eager_grad, exact_grad in zip(compiled.net.param_names, grads, eager_grads, exact_grads):
+        assert torch.linalg.norm(grad - eager_grad) <= 1e-5 * torch.linalg.norm(eager_grad), name
+        error, eager_error = (torch.linalg.norm(g - exact_grad) / torch.linalg.norm(exact_grad)
+                              for g in (grad, eager_grad))
+        assert error <= max(2 * eager_error, 1e-6), (name, error.item(), eager_error.item())
