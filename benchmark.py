@@ -38,9 +38,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import plain_maml
 from cuda_graph import GraphedMetaStep
 from distributed import resolve_device
-from maml_omniglot import SETTINGS, Parser
 from meta import MetaLearner
 from omniglot_nshot import random_tasks
+from run_files import SETTINGS, Parser
 
 
 def sync(device):

@@ -54,7 +54,7 @@ SPLIT_SIZES = {"train": 1100, "val": 100, "test": CLASS_COUNT - 1100 - 100}  # a
 def task_shape_problem(n_way, k_spt, k_qry, task_num):
     """The first rule a task shape breaks, as (argument names, what is wrong), or None if it is possible.
 
-    The one statement of these rules: OmniglotNShot raises them, and maml_omniglot.py refuses them
+    The one statement of these rules: OmniglotNShot raises them, and run_files.config_problem refuses them
     (with the names as flags) before any data is loaded.
     """
     smallest = min(SPLIT_SIZES, key=SPLIT_SIZES.get)

@@ -49,7 +49,6 @@ What is guaranteed:
 Usage: python preprocess_omniglot.py [--zips data/] [--out data/omniglot.npy] [--force] [--resize nearest|lanczos]
 """
 
-import argparse
 import contextlib
 import hashlib
 import io
@@ -72,7 +71,7 @@ import PIL
 import tqdm
 from PIL import Image
 
-from run_files import RunFileError, atomic_write
+from run_files import Parser, RunFileError, atomic_write
 
 DRAWINGS_PER_CHARACTER = 20
 SOURCE_SIZE = (105, 105)
@@ -93,13 +92,6 @@ CLASS_COUNT = sum(spec.characters for spec in ZIPS)  # 964 + 659 = 1623
 
 class PreprocessError(Exception):
     """A problem with the input or the output that the user can fix; the message says how."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but an error is one line on stderr (no usage dump) and exit status 2, as in maml_omniglot.py."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 @contextlib.contextmanager

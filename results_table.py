@@ -35,7 +35,6 @@ README.md without the markers, a log.csv that cannot be read) or a refused --pub
 stderr that names the file or value and the fix, with nothing written.
 """
 
-import argparse
 import csv
 import json
 import math
@@ -47,7 +46,7 @@ import sys
 from pathlib import Path
 
 from curves import comparison_png, parse_log
-from run_files import FILES, NOT_LEARNED, RunFileError, atomic_write, read_log, read_model
+from run_files import FILES, NOT_LEARNED, Parser, RunFileError, atomic_write, read_log, read_model
 
 ROOT = Path(__file__).resolve().parent  # the repository: README.md and results/ (tests point it elsewhere)
 BEGIN, END = "<!-- results table: begin (python results_table.py) -->", "<!-- results table: end -->"
@@ -69,13 +68,6 @@ MEAN_TOLERANCE = 0.04
 
 class BadInput(Exception):
     """A file or value this script cannot use; the message names it and the fix (exit code 2)."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but an error is one line on stderr (no usage dump) and exit code 2, as in maml_omniglot.py."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def shown(path):
