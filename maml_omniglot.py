@@ -46,8 +46,6 @@ from preprocess_omniglot import PreprocessError
 from run_files import (EVALUATE_FLAGS, FILES, SETTINGS, Parser, Refused, RunFileError, RunState, flag, make_row,
                        new_segment, write_log)
 
-DIVERGED_LOSS = 10  # a train row whose meta-loss is this many times ln(N), a uniform guess's, has diverged
-
 # ----------------------------------------------------------------------------------------------------
 # The experiment
 # ----------------------------------------------------------------------------------------------------
@@ -210,9 +208,10 @@ def train(cfg, meta_learner, sampler, state, paths, stop):
                 state.empty_window()
                 val_acc = validate(iteration)
                 if writer:
+                    warning = run_files.divergence(cfg, train_loss)
                     tqdm.write(f"iteration {iteration}: query accuracy train {train_accs[-1]:.3f} (after "
                                f"{steps(cfg['update_step'])}), val {val_acc:.3f} (after "
-                               f"{steps(cfg['update_step_test'])})" + diverged_warning(cfg, train_loss))
+                               f"{steps(cfg['update_step_test'])})" + (f"; warning: {warning}" if warning else ""))
             bar.set_postfix(train_acc=f"{ema:.3f}", val_acc=f"{val_acc:.3f}", refresh=False)
             bar.update(1)
 
@@ -224,23 +223,13 @@ def steps(n):
     return f"{n} inner step{'s' * (n != 1)}"
 
 
-def diverged_warning(cfg, loss):
-    """A warning when a train row's meta-loss says the meta-training diverged (finite, but far above a
-    uniform guess's ln N), or nothing. Non-finite numbers stop the run instead (MetaLearner.forward)."""
-    if loss <= DIVERGED_LOSS * math.log(cfg["n_way"]):
-        return ""
-    return (f"; warning: the meta-loss, {loss:.3g}, is more than {DIVERGED_LOSS} times a uniform guess's "
-            f"({math.log(cfg['n_way']):.2f}): the meta-training has diverged, try a smaller --update-lr or --meta-lr")
-
-
 def finish(cfg, meta_learner, state, paths, test_accs, test_ci):
     """Write what a finished run leaves: the log with its test row, model.pt, the summary, the curves."""
     state.advance(cfg["iterations"])
     test_row = make_row(cfg["iterations"], "test", test_accs, test_ci, None, state.elapsed_s)
     write_log(paths["log"], state.log + [test_row], cfg)
     run_files.write_model(paths["model"], cfg, meta_learner)
-    warnings = [w.removeprefix("; warning: ") for row in state.log if row["split"] == "train"
-                for w in [diverged_warning(cfg, row["loss"])] if w][-1:]
+    warnings = run_files.divergence_warnings(cfg, state.log)
     run_files.write_summary(paths["summary"], cfg, state, test_accs, test_ci, warnings)  # "finished": closed now
     print(f"test accuracy over {cfg['test_tasks']} tasks, after 0..{cfg['update_step_test']} inner steps: "
           + ", ".join(f"{100 * a:.2f}% ± {100 * c:.2f}" for a, c in zip(test_accs, test_ci))

@@ -24,7 +24,8 @@ A run's folder (--out, runs/<setting>/ by default) holds:
                  run) with its own iterations, command, commit, device, processes, computation (the tasks
                  batched or one by one, a CUDA graph or not) and wall time. Rewritten at every
                  checkpoint, so an unfinished run always has an up-to-date record of where it is and what
-                 produced it.
+                 produced it. A finished run whose meta-training diverged (a train row's meta-loss more than
+                 DIVERGED_LOSS times ln N) also has "warnings", which say so.
                  A folder whose summary says "finished" is never written into again.
   curves.png     drawn from log.csv by curves.py.
   checkpoint.pt  everything needed to continue the run exactly (CHECKPOINT_KEYS below): θ (the
@@ -562,6 +563,23 @@ def describe_changes(previous, current):
     if previous["torch"] != current["torch"]:
         changes.append(f"torch {previous['torch']} -> {current['torch']}")
     return changes
+
+
+DIVERGED_LOSS = 10  # a train row whose meta-loss is this many times ln(N), a uniform guess's, has diverged
+
+
+def divergence(cfg, loss):
+    """The warning when a train row's meta-loss says the meta-training diverged (finite, but far above a
+    uniform guess's ln N), or None. Non-finite numbers stop the run instead (MetaLearner.forward)."""
+    if loss <= DIVERGED_LOSS * math.log(cfg["n_way"]):
+        return None
+    return (f"the meta-loss, {loss:.3g}, is more than {DIVERGED_LOSS} times a uniform guess's "
+            f"({math.log(cfg['n_way']):.2f}): the meta-training has diverged, try a smaller --update-lr or --meta-lr")
+
+
+def divergence_warnings(cfg, log):
+    """A finished run's summary.json "warnings": that of the last train row in the log that diverged, if any."""
+    return [w for w in (divergence(cfg, row["loss"]) for row in log if row["split"] == "train") if w][-1:]
 
 
 def write_summary(path, cfg, state, test_accs=None, test_ci=None, warnings=()):
