@@ -16,18 +16,18 @@ and the other things it does:
 
 A run writes into runs/<setting>/ (git-ignored): log.csv, summary.json, curves.png, checkpoint.pt, and
 model.pt when it finishes; run_files.py says what each file holds (and checks the folder, the resume and
-the checkpoint) and what the config they record is: the settings' values (SETTINGS, the paper's appendix),
-the defaults of the other flags, and the limits and checks of every value. distributed.py says how
-torchrun's processes share a run. results/ holds published runs only (python results_table.py --publish).
-This file reads top to bottom: run(), which tells the whole story in a few lines; the training loop;
-evaluation; then the command line, whose main() turns every expected failure into one line.
+the checkpoint, and stops a run at a checkpoint on a signal) and what the config they record is: the
+settings' values (SETTINGS, the paper's appendix), the defaults of the other flags, and the limits and
+checks of every value. distributed.py says how torchrun's processes share a run. results/ holds published
+runs only (python results_table.py --publish). This file reads top to bottom: run(), which tells the whole
+story in a few lines; the training loop; evaluation; then the command line, whose main() turns every
+expected failure into one line.
 """
 import csv
 import math
 import os
 import random
 import shlex
-import signal
 import sys
 import time
 
@@ -61,7 +61,7 @@ def run(cfg, resume, command, cuda_graph):
     with run_files.RunFolder(cfg["out"], resume, writer) as folder:
         checkpoint = distributed.from_rank_0(folder.resume_point(cfg), "the checkpoint")
         sampler, meta_learner, state = start_or_resume(cfg, checkpoint, command, cuda_graph)
-        with StopRequested(writer) as stop:
+        with run_files.StopRequested(writer) as stop:
             train(cfg, meta_learner, sampler, state, paths, stop)
             stop.at_once = "the final test"  # nothing is lost: the checkpoint is at the last iteration
             test_accs, test_ci = evaluate(meta_learner, sampler, "test", cfg["test_tasks"])
@@ -114,32 +114,6 @@ def computation(cfg, meta_learner, cuda_graph):
             "cuda_graph": cuda_graph and device.type == "cuda" and not distributed.launched()}
 
 
-class StopRequested:
-    """SIGINT and SIGTERM while training: say so at once, finish the iteration (and its validation),
-    checkpoint it and exit with 128 + the signal number. Once `at_once` names what runs (the final test,
-    after the last checkpoint), a signal stops it at once instead, as KeyboardInterrupt."""
-
-    def __init__(self, writer):
-        self.writer, self.signum, self.at_once, self.previous = writer, None, None, {}
-
-    def __enter__(self):
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self.previous[signum] = signal.signal(signum, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        if self.at_once:
-            raise KeyboardInterrupt(f"{signal.Signals(signum).name} during {self.at_once}")
-        if self.signum is None and self.writer:
-            tqdm.write(f"{signal.Signals(signum).name}: stopping after this iteration (and its validation, if it "
-                       f"has one), with a checkpoint", file=sys.stderr)
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-
 def train(cfg, meta_learner, sampler, state, paths, stop):
     """Meta-train from state.iteration to cfg["iterations"]: meta-steps, train rows, validation, checkpoints.
 
@@ -168,10 +142,7 @@ def train(cfg, meta_learner, sampler, state, paths, stop):
                 run_files.write_checkpoint(paths["checkpoint"], cfg, state, meta_learner, sampler)
                 run_files.write_summary(paths["summary"], cfg, state)
         if signum:
-            if writer:
-                tqdm.write(f"{signal.Signals(signum).name} at iteration {iteration}: checkpoint saved to "
-                           f"{paths['checkpoint']}; continue with the same command and --resume", file=sys.stderr)
-            raise SystemExit(128 + signum)
+            stop.end_run(signum, iteration, paths["checkpoint"])
 
     val_row = run_files.last_row(state.log, "val")
     val_acc = val_row[f"acc_step{cfg['update_step_test']}"] if val_row else float("nan")

@@ -79,6 +79,7 @@ import os
 import platform
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -87,6 +88,7 @@ import zipfile
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 FILES = {"log": "log.csv", "summary": "summary.json", "curves": "curves.png", "checkpoint": "checkpoint.pt",
          "model": "model.pt"}  # a run folder's files, by what they are
@@ -615,6 +617,45 @@ def write_summary(path, cfg, state, test_accs=None, test_ci=None, warnings=()):
     if warnings:
         summary["warnings"] = list(warnings)
     atomic_write(path, (json.dumps(summary, indent=2) + "\n").encode())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stopping on a signal: at the end of the iteration, with a checkpoint
+# ----------------------------------------------------------------------------------------------------
+
+
+class StopRequested:
+    """SIGINT and SIGTERM while training: say so at once, finish the iteration (and its validation),
+    checkpoint it and exit with 128 + the signal number. The training loop reads `signum` at the end of
+    every iteration, and calls end_run() once it has checkpointed. Once `at_once` names what runs (the final
+    test, after the last checkpoint), a signal stops it at once instead, as KeyboardInterrupt."""
+
+    def __init__(self, writer):
+        self.writer, self.signum, self.at_once, self.previous = writer, None, None, {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.at_once:
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} during {self.at_once}")
+        if self.signum is None and self.writer:
+            tqdm.write(f"{signal.Signals(signum).name}: stopping after this iteration (and its validation, if it "
+                       f"has one), with a checkpoint", file=sys.stderr)
+        self.signum = signum
+
+    def end_run(self, signum, iteration, checkpoint_path):
+        """Stop the run, checkpointed at `iteration`, for signal signum (this process's or another's)."""
+        if self.writer:
+            tqdm.write(f"{signal.Signals(signum).name} at iteration {iteration}: checkpoint saved to "
+                       f"{checkpoint_path}; continue with the same command and --resume", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 # ----------------------------------------------------------------------------------------------------

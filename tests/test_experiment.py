@@ -502,7 +502,7 @@ def test_ctrl_c_during_the_test_keeps_the_checkpoint_and_resume_finishes(finishe
 
 def test_a_signal_during_training_is_announced_at_once(capsys):
     """Unit test of the handler: the stop is said when the signal comes, not minutes later at the checkpoint."""
-    stop = maml_omniglot.StopRequested(writer=True)
+    stop = run_files.StopRequested(writer=True)
     stop.handle(signal.SIGINT, None)
     assert capsys.readouterr().err == ("SIGINT: stopping after this iteration (and its validation, if it has one), "
                                        "with a checkpoint\n")
