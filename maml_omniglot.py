@@ -123,14 +123,13 @@ def train(cfg, meta_learner, sampler, state, paths, stop):
     and reports.
     """
     writer = distributed.writer()
-    title = os.path.basename(os.path.normpath(cfg["out"]))
 
     def validate(iteration):
         accs, ci95 = evaluate(meta_learner, sampler, "val", cfg["eval_tasks"])
         state.log.append(make_row(iteration, "val", accs, ci95, None, state.elapsed()))
         if writer:  # log.csv, and the curves drawn from it, so that a long run can be watched
             write_log(paths["log"], state.log, cfg)
-            run_files.atomic_write(paths["curves"], curves_png(run_files.read_log(paths["log"]), title))
+            draw_curves(cfg["out"])
         return accs[-1]
 
     def checkpoint_and_maybe_stop(iteration):
@@ -206,13 +205,19 @@ def finish(cfg, meta_learner, state, paths, test_accs, test_ci):
           + ", ".join(f"{100 * a:.2f}% ± {100 * c:.2f}" for a, c in zip(test_accs, test_ci))
           + "".join(f" (warning: {w})" for w in warnings))
     try:
-        run_files.atomic_write(paths["curves"], curves_png(run_files.read_log(paths["log"]),
-                                                           os.path.basename(os.path.normpath(cfg["out"]))))
+        draw_curves(cfg["out"])
     except RunFileError as e:
         print(f"maml_omniglot.py: error: {e}; the run has finished (its summary.json and model.pt are written): "
               f"python maml_omniglot.py --plot-only {cfg['out']} draws curves.png", file=sys.stderr)
         return 1
     return 0
+
+
+def draw_curves(folder):
+    """folder/curves.png, drawn by curves.py from folder/log.csv and titled with the folder's name."""
+    title = os.path.basename(os.path.normpath(folder))
+    run_files.atomic_write(os.path.join(folder, FILES["curves"]),
+                           curves_png(run_files.read_log(os.path.join(folder, FILES["log"])), title))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -348,10 +353,9 @@ def plot_only(folder, parser):
     if not os.path.isfile(log_path):
         parser.error(f"--plot-only {folder}: there is no {log_path}")
     try:
-        png = curves_png(run_files.read_log(log_path), os.path.basename(os.path.normpath(folder)))
+        draw_curves(folder)
     except (ValueError, csv.Error) as e:  # curves.parse_log's messages name the row and the problem
         parser.error(f"--plot-only {folder}: {log_path} is not a log.csv of this program ({e})")
-    run_files.atomic_write(os.path.join(folder, FILES["curves"]), png)
     return 0
 
 
