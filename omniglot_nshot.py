@@ -80,7 +80,7 @@ class OmniglotNShot:
     time per split.
     """
 
-    def __init__(self, path="data/omniglot.npy", task_num=32, n_way=5, k_spt=1, k_qry=1,
+    def __init__(self, path, task_num=32, n_way=5, k_spt=1, k_qry=1,
                  device="cpu", seed=0, rotate=True, cache_size=100):
         problem = task_shape_problem(n_way, k_spt, k_qry, task_num)
         if problem is not None:

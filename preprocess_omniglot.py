@@ -71,7 +71,7 @@ import PIL
 import tqdm
 from PIL import Image
 
-from run_files import Parser, RunFileError, atomic_write
+from run_files import RUN_DEFAULTS, Parser, RunFileError, atomic_write
 
 DRAWINGS_PER_CHARACTER = 20
 SOURCE_SIZE = (105, 105)
@@ -369,7 +369,7 @@ def preprocess(zips_dir, out_path, force=False, resize="nearest"):
 def main(argv=None):
     parser = Parser(prog="preprocess_omniglot.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--zips", default="data/", help="folder holding (or receiving) the two zips")
-    parser.add_argument("--out", default="data/omniglot.npy", help="output array (.npy); its sidecar goes beside it")
+    parser.add_argument("--out", default=RUN_DEFAULTS["data"], help="output array (.npy); its sidecar goes beside it")
     parser.add_argument("--force", action="store_true", help="rebuild even if a valid output exists")
     parser.add_argument("--resize", choices=RESIZE_METHODS, default="nearest",
                         help="nearest: as the MAML reference (default); lanczos: antialiased")

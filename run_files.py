@@ -729,12 +729,12 @@ def upgrade_model_1(contents):
     return contents
 
 
-KIND_MARKS = {"checkpoint.pt": "sampler", "model.pt": "param_names"}  # a key that only this kind of file has
+KIND_MARKS = {FILES["checkpoint"]: "sampler", FILES["model"]: "param_names"}  # a key that only this kind of file has
 # The older formats still read, by file: {format: (the keys it has, the function that makes it today's)}.
 UPGRADES = {
-    "checkpoint.pt": {3: (("format", "config", "run", "net", "meta_optim", "rng", "sampler", "digest"),
-                          upgrade_checkpoint_3)},
-    "model.pt": {1: (("format", "config", "param_names", "state_dict", "digest"), upgrade_model_1)},
+    FILES["checkpoint"]: {3: (("format", "config", "run", "net", "meta_optim", "rng", "sampler", "digest"),
+                                upgrade_checkpoint_3)},
+    FILES["model"]: {1: (("format", "config", "param_names", "state_dict", "digest"), upgrade_model_1)},
 }
 
 
@@ -754,7 +754,7 @@ def load_with_digest(path, kind, keys, fmt, weights_only, last_readers=None):
     other = next((name for name, mark in KIND_MARKS.items() if name != kind and isinstance(contents, dict)
                   and mark in contents), None)
     if other is not None:
-        hint = ("--evaluate it, or give the run's checkpoint.pt" if other == "model.pt"
+        hint = ("--evaluate it, or give the run's checkpoint.pt" if other == FILES["model"]
                 else "a run writes model.pt when it finishes")
         raise RunFileError(f"{path} is a {other}, not a {kind}: {hint}")
     found_format = contents.get("format") if isinstance(contents, dict) else None
@@ -799,7 +799,7 @@ def restore(checkpoint, meta_learner, sampler):
 def read_checkpoint(path):
     """Read and check a checkpoint: the one reader of what write_checkpoint writes (of any format it still
     upgrades). A checkpoint is a pickle (it holds numpy's RNG state): load only your own. Raises RunFileError."""
-    return load_with_digest(path, "checkpoint.pt", CHECKPOINT_KEYS, CHECKPOINT_FORMAT, weights_only=False,
+    return load_with_digest(path, FILES["checkpoint"], CHECKPOINT_KEYS, CHECKPOINT_FORMAT, weights_only=False,
                             last_readers=CHECKPOINT_LAST_READERS)
 
 
@@ -813,4 +813,4 @@ def read_model(path):
     """Read and check a model.pt with torch.load(weights_only=True). Raises RunFileError."""
     if not os.path.isfile(path):
         raise RunFileError(f"{path} is not a file: give the model.pt of a finished run")
-    return load_with_digest(path, "model.pt", MODEL_KEYS, MODEL_FORMAT, weights_only=True)
+    return load_with_digest(path, FILES["model"], MODEL_KEYS, MODEL_FORMAT, weights_only=True)
