@@ -38,9 +38,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import plain_maml
 from cuda_graph import GraphedMetaStep
 from distributed import resolve_device
-from maml_omniglot import SETTINGS, Parser
 from meta import MetaLearner
 from omniglot_nshot import random_tasks
+from run_files import COMMON, SETTINGS, Parser
 
 
 def sync(device):
@@ -106,8 +106,9 @@ def main(argv=None):
     if args.protocol == "public":
         update_step, k_qry = 5, 15
     torch.manual_seed(0)
-    meta_learner = MetaLearner(n_way=n_way, k_spt=k_spt, update_lr=update_lr, meta_lr=1e-3, update_step=update_step,
-                               update_step_test=setting["update_step_test"], first_order=args.first_order).to(device)
+    meta_learner = MetaLearner(n_way=n_way, k_spt=k_spt, update_lr=update_lr, meta_lr=COMMON["meta_lr"],
+                               update_step=update_step, update_step_test=setting["update_step_test"],
+                               first_order=args.first_order).to(device)
     batch = [t.to(device) for t in random_tasks(tasks, n_way, k_spt, k_qry, torch.Generator().manual_seed(0))]
     images_per_task = n_way * (k_spt + k_qry)
     fast_path = meta_learner.path(device, images_per_task)  # what the rule picks here (batching "auto")

@@ -16,18 +16,18 @@ and the other things it does:
 
 A run writes into runs/<setting>/ (git-ignored): log.csv, summary.json, curves.png, checkpoint.pt, and
 model.pt when it finishes; run_files.py says what each file holds (and checks the folder, the resume and
-the checkpoint), and distributed.py how torchrun's processes share a run. results/ holds published runs
-only (python results_table.py --publish). This file reads top to bottom: the settings; run(), which tells
-the whole story in a few lines; the training loop; evaluation; then the command line, whose main() turns
-every expected failure into one line.
+the checkpoint, and stops a run at a checkpoint on a signal) and what the config they record is: the
+settings' values (SETTINGS, the paper's appendix), the defaults of the other flags, and the limits and
+checks of every value. distributed.py says how torchrun's processes share a run. results/ holds published
+runs only (python results_table.py --publish). This file reads top to bottom: run(), which tells the whole
+story in a few lines; the training loop; evaluation; then the command line, whose main() turns every
+expected failure into one line.
 """
-import argparse
 import csv
 import math
 import os
 import random
 import shlex
-import signal
 import sys
 import time
 
@@ -41,30 +41,10 @@ from cuda_graph import GraphedMetaStep
 from curves import curves_png
 from distributed import DistributedError
 from meta import MetaLearner, NonFiniteError
-from omniglot_nshot import OmniglotNShot, task_shape_problem
+from omniglot_nshot import OmniglotNShot
 from preprocess_omniglot import PreprocessError
-from run_files import FILES, Refused, RunFileError, RunState, make_row, new_segment, write_log
-
-# ----------------------------------------------------------------------------------------------------
-# Settings: the paper's appendix (reference code: github.com/cbfinn/maml)
-# ----------------------------------------------------------------------------------------------------
-SETTINGS = {
-    "5w1s": dict(n_way=5, k_spt=1, task_num=32, update_step=1, update_lr=0.4, update_step_test=3),
-    "5w5s": dict(n_way=5, k_spt=5, task_num=32, update_step=1, update_lr=0.4, update_step_test=3),
-    "20w1s": dict(n_way=20, k_spt=1, task_num=16, update_step=5, update_lr=0.1, update_step_test=5),
-    "20w5s": dict(n_way=20, k_spt=5, task_num=16, update_step=5, update_lr=0.1, update_step_test=5),
-}
-COMMON = dict(meta_lr=1e-3, iterations=60000)  # and k_qry = k_spt: K query drawings per class
-# The flags that are not the algorithm's: how a run is run, logged and stored.
-RUN_DEFAULTS = dict(seed=0, device="auto", eval_every=500, eval_tasks=320, test_tasks=600, checkpoint_every=500,
-                    data="data/omniglot.npy")
-# --evaluate takes these flags, and reads every other value from the model's config.
-EVALUATE_FLAGS = ("n_way", "k_spt", "k_qry", "update_step_test", "test_tasks", "seed", "split", "data", "device",
-                  "out")
-SEED_LIMIT = 2 ** 32  # numpy's legacy seeding accepts 0 .. 2**32 - 1
-MAX_EVALUATION_TASKS = 100_000  # the paper tests on 600; 100,000 already take hours on a CPU
-MAX_INNER_STEPS = 100  # the paper takes 1 to 5, the reference code tests with 10
-DIVERGED_LOSS = 10  # a train row whose meta-loss is this many times ln(N), a uniform guess's, has diverged
+from run_files import (EVALUATE_FLAGS, FILES, SETTINGS, Parser, Refused, RunFileError, RunState, flag, make_row,
+                       new_segment, write_log)
 
 # ----------------------------------------------------------------------------------------------------
 # The experiment
@@ -81,7 +61,7 @@ def run(cfg, resume, command, cuda_graph):
     with run_files.RunFolder(cfg["out"], resume, writer) as folder:
         checkpoint = distributed.from_rank_0(folder.resume_point(cfg), "the checkpoint")
         sampler, meta_learner, state = start_or_resume(cfg, checkpoint, command, cuda_graph)
-        with StopRequested(writer) as stop:
+        with run_files.StopRequested(writer) as stop:
             train(cfg, meta_learner, sampler, state, paths, stop)
             stop.at_once = "the final test"  # nothing is lost: the checkpoint is at the last iteration
             test_accs, test_ci = evaluate(meta_learner, sampler, "test", cfg["test_tasks"])
@@ -134,32 +114,6 @@ def computation(cfg, meta_learner, cuda_graph):
             "cuda_graph": cuda_graph and device.type == "cuda" and not distributed.launched()}
 
 
-class StopRequested:
-    """SIGINT and SIGTERM while training: say so at once, finish the iteration (and its validation),
-    checkpoint it and exit with 128 + the signal number. Once `at_once` names what runs (the final test,
-    after the last checkpoint), a signal stops it at once instead, as KeyboardInterrupt."""
-
-    def __init__(self, writer):
-        self.writer, self.signum, self.at_once, self.previous = writer, None, None, {}
-
-    def __enter__(self):
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self.previous[signum] = signal.signal(signum, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        if self.at_once:
-            raise KeyboardInterrupt(f"{signal.Signals(signum).name} during {self.at_once}")
-        if self.signum is None and self.writer:
-            tqdm.write(f"{signal.Signals(signum).name}: stopping after this iteration (and its validation, if it "
-                       f"has one), with a checkpoint", file=sys.stderr)
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-
 def train(cfg, meta_learner, sampler, state, paths, stop):
     """Meta-train from state.iteration to cfg["iterations"]: meta-steps, train rows, validation, checkpoints.
 
@@ -169,14 +123,13 @@ def train(cfg, meta_learner, sampler, state, paths, stop):
     and reports.
     """
     writer = distributed.writer()
-    title = os.path.basename(os.path.normpath(cfg["out"]))
 
     def validate(iteration):
         accs, ci95 = evaluate(meta_learner, sampler, "val", cfg["eval_tasks"])
         state.log.append(make_row(iteration, "val", accs, ci95, None, state.elapsed()))
         if writer:  # log.csv, and the curves drawn from it, so that a long run can be watched
             write_log(paths["log"], state.log, cfg)
-            run_files.atomic_write(paths["curves"], curves_png(run_files.read_log(paths["log"]), title))
+            draw_curves(cfg["out"])
         return accs[-1]
 
     def checkpoint_and_maybe_stop(iteration):
@@ -188,10 +141,7 @@ def train(cfg, meta_learner, sampler, state, paths, stop):
                 run_files.write_checkpoint(paths["checkpoint"], cfg, state, meta_learner, sampler)
                 run_files.write_summary(paths["summary"], cfg, state)
         if signum:
-            if writer:
-                tqdm.write(f"{signal.Signals(signum).name} at iteration {iteration}: checkpoint saved to "
-                           f"{paths['checkpoint']}; continue with the same command and --resume", file=sys.stderr)
-            raise SystemExit(128 + signum)
+            stop.end_run(signum, iteration, paths["checkpoint"])
 
     val_row = run_files.last_row(state.log, "val")
     val_acc = val_row[f"acc_step{cfg['update_step_test']}"] if val_row else float("nan")
@@ -228,9 +178,10 @@ def train(cfg, meta_learner, sampler, state, paths, stop):
                 state.empty_window()
                 val_acc = validate(iteration)
                 if writer:
+                    warning = run_files.divergence(cfg, train_loss)
                     tqdm.write(f"iteration {iteration}: query accuracy train {train_accs[-1]:.3f} (after "
                                f"{steps(cfg['update_step'])}), val {val_acc:.3f} (after "
-                               f"{steps(cfg['update_step_test'])})" + diverged_warning(cfg, train_loss))
+                               f"{steps(cfg['update_step_test'])})" + (f"; warning: {warning}" if warning else ""))
             bar.set_postfix(train_acc=f"{ema:.3f}", val_acc=f"{val_acc:.3f}", refresh=False)
             bar.update(1)
 
@@ -242,35 +193,31 @@ def steps(n):
     return f"{n} inner step{'s' * (n != 1)}"
 
 
-def diverged_warning(cfg, loss):
-    """A warning when a train row's meta-loss says the meta-training diverged (finite, but far above a
-    uniform guess's ln N), or nothing. Non-finite numbers stop the run instead (MetaLearner.forward)."""
-    if loss <= DIVERGED_LOSS * math.log(cfg["n_way"]):
-        return ""
-    return (f"; warning: the meta-loss, {loss:.3g}, is more than {DIVERGED_LOSS} times a uniform guess's "
-            f"({math.log(cfg['n_way']):.2f}): the meta-training has diverged, try a smaller --update-lr or --meta-lr")
-
-
 def finish(cfg, meta_learner, state, paths, test_accs, test_ci):
     """Write what a finished run leaves: the log with its test row, model.pt, the summary, the curves."""
     state.advance(cfg["iterations"])
     test_row = make_row(cfg["iterations"], "test", test_accs, test_ci, None, state.elapsed_s)
     write_log(paths["log"], state.log + [test_row], cfg)
     run_files.write_model(paths["model"], cfg, meta_learner)
-    warnings = [w.removeprefix("; warning: ") for row in state.log if row["split"] == "train"
-                for w in [diverged_warning(cfg, row["loss"])] if w][-1:]
+    warnings = run_files.divergence_warnings(cfg, state.log)
     run_files.write_summary(paths["summary"], cfg, state, test_accs, test_ci, warnings)  # "finished": closed now
     print(f"test accuracy over {cfg['test_tasks']} tasks, after 0..{cfg['update_step_test']} inner steps: "
           + ", ".join(f"{100 * a:.2f}% ± {100 * c:.2f}" for a, c in zip(test_accs, test_ci))
           + "".join(f" (warning: {w})" for w in warnings))
     try:
-        run_files.atomic_write(paths["curves"], curves_png(run_files.read_log(paths["log"]),
-                                                           os.path.basename(os.path.normpath(cfg["out"]))))
+        draw_curves(cfg["out"])
     except RunFileError as e:
         print(f"maml_omniglot.py: error: {e}; the run has finished (its summary.json and model.pt are written): "
               f"python maml_omniglot.py --plot-only {cfg['out']} draws curves.png", file=sys.stderr)
         return 1
     return 0
+
+
+def draw_curves(folder):
+    """folder/curves.png, drawn by curves.py from folder/log.csv and titled with the folder's name."""
+    title = os.path.basename(os.path.normpath(folder))
+    run_files.atomic_write(os.path.join(folder, FILES["curves"]),
+                           curves_png(run_files.read_log(os.path.join(folder, FILES["log"])), title))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -301,9 +248,9 @@ def evaluate(meta_learner, sampler, split, n_tasks):
 def evaluate_model(args, parser, command):
     """--evaluate: adapt the model in args.evaluate to tasks of the chosen split and report the accuracy.
 
-    Every value not given on the command line is the model's own, so with no flags the run's test is
-    repeated (exactly, on the same CPU). N must be the model's (its output layer has N classes); K, the
-    query drawings Q, the inner steps and the number of tasks may differ from training.
+    Every value not given on the command line is the model's own (run_files.evaluation_config), so with no
+    flags the run's test is repeated (exactly, on the same CPU). N must be the model's (its output layer has N
+    classes); K, the query drawings Q, the inner steps and the number of tasks may differ from training.
     """
     given = [key for key, value in vars(args).items() if value is not None and value is not False]
     extra = [flag(key) for key in given if key not in EVALUATE_FLAGS + ("evaluate",)]
@@ -314,13 +261,11 @@ def evaluate_model(args, parser, command):
         model = run_files.read_model(args.evaluate)
     except RunFileError as e:
         parser.error(str(e))
-    cfg = dict(model["config"])
-    if args.n_way is not None and args.n_way != cfg["n_way"]:
-        parser.error(f"{args.evaluate} is a {cfg['n_way']}-way model (its output layer has {cfg['n_way']} "
-                     f"classes): --n-way must be {cfg['n_way']}")
-    cfg.update({key: getattr(args, key) for key in EVALUATE_FLAGS
-                if key not in ("n_way", "split", "device", "out") and getattr(args, key) is not None})
-    cfg["device"] = args.device or "auto"  # not the training's: the model may have been trained elsewhere
+    n_way = model["config"]["n_way"]
+    if args.n_way is not None and args.n_way != n_way:
+        parser.error(f"{args.evaluate} is a {n_way}-way model (its output layer has {n_way} classes): --n-way "
+                     f"must be {n_way}")
+    cfg = run_files.evaluation_config(model["config"], vars(args))
     check_config(cfg, parser)
     split = args.split or "test"
     with run_files.EvaluationFolder(args.out) as folder:
@@ -340,13 +285,6 @@ def evaluate_model(args, parser, command):
 # ----------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but an error is one line on stderr (no usage dump) and exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser():
@@ -382,31 +320,12 @@ def build_parser():
     return p
 
 
-def flag(key):
-    return "--" + key.replace("_", "-")
-
-
 def check_config(cfg, parser):
-    """Refuse, with one line and exit code 2 (parser.error), every impossible value, before any data is loaded."""
-    problem = task_shape_problem(cfg["n_way"], cfg["k_spt"], cfg["k_qry"], cfg["task_num"])
+    """Refuse, with one line and exit code 2 (parser.error), every impossible value, before any data is loaded:
+    the values themselves (run_files.config_problem), then what this machine and torchrun make of them."""
+    problem = run_files.config_problem(cfg)
     if problem is not None:
-        names, what = problem
-        parser.error(f"{' + '.join(flag(name) for name in names)} {what}")
-    for key in ("update_lr", "meta_lr"):
-        if not (math.isfinite(cfg[key]) and cfg[key] > 0):
-            parser.error(f"{flag(key)} must be a positive number, got {cfg[key]}")
-    for key in ("update_step", "update_step_test", "iterations", "eval_every", "eval_tasks", "test_tasks",
-                "checkpoint_every"):
-        if cfg[key] < 1:
-            parser.error(f"{flag(key)} must be at least 1, got {cfg[key]}")
-    for key, limit, why in (("eval_tasks", MAX_EVALUATION_TASKS, "the paper tests on 600"),
-                            ("test_tasks", MAX_EVALUATION_TASKS, "the paper tests on 600"),
-                            ("update_step", MAX_INNER_STEPS, "the paper takes 1 to 5"),
-                            ("update_step_test", MAX_INNER_STEPS, "the paper takes 3 to 5")):
-        if cfg[key] > limit:
-            parser.error(f"{flag(key)} {cfg[key]} is more than {limit:,}, which would take hours ({why})")
-    if not 0 <= cfg["seed"] < SEED_LIMIT:
-        parser.error(f"--seed must be between 0 and {SEED_LIMIT - 1}, got {cfg['seed']}")
+        parser.error(problem)
     try:
         cfg["device"] = distributed.process_device(distributed.resolve_device(cfg["device"]))
     except ValueError as e:
@@ -424,14 +343,7 @@ def resolve_config(args, parser):
     """The run's config: the setting's values and the defaults for the flags left out, all checked."""
     if args.split is not None:
         parser.error("--split is for --evaluate only: training validates on val and tests on test")
-    setting = args.setting or "5w1s"
-    cfg = {"setting": setting}
-    for key, default in dict(SETTINGS[setting], **COMMON).items():
-        cfg[key] = default if getattr(args, key) is None else getattr(args, key)
-    cfg.update(k_qry=cfg["k_spt"] if args.k_qry is None else args.k_qry, first_order=args.first_order,
-               rotate=not args.no_rotate)
-    for key, default in dict(RUN_DEFAULTS, out=os.path.join("runs", setting)).items():
-        cfg[key] = default if getattr(args, key) is None else getattr(args, key)
+    cfg = run_files.training_config(vars(args))
     check_config(cfg, parser)
     return cfg
 
@@ -441,10 +353,9 @@ def plot_only(folder, parser):
     if not os.path.isfile(log_path):
         parser.error(f"--plot-only {folder}: there is no {log_path}")
     try:
-        png = curves_png(run_files.read_log(log_path), os.path.basename(os.path.normpath(folder)))
+        draw_curves(folder)
     except (ValueError, csv.Error) as e:  # curves.parse_log's messages name the row and the problem
         parser.error(f"--plot-only {folder}: {log_path} is not a log.csv of this program ({e})")
-    run_files.atomic_write(os.path.join(folder, FILES["curves"]), png)
     return 0
 
 

@@ -54,7 +54,7 @@ SPLIT_SIZES = {"train": 1100, "val": 100, "test": CLASS_COUNT - 1100 - 100}  # a
 def task_shape_problem(n_way, k_spt, k_qry, task_num):
     """The first rule a task shape breaks, as (argument names, what is wrong), or None if it is possible.
 
-    The one statement of these rules: OmniglotNShot raises them, and maml_omniglot.py refuses them
+    The one statement of these rules: OmniglotNShot raises them, and run_files.config_problem refuses them
     (with the names as flags) before any data is loaded.
     """
     smallest = min(SPLIT_SIZES, key=SPLIT_SIZES.get)
@@ -80,7 +80,7 @@ class OmniglotNShot:
     time per split.
     """
 
-    def __init__(self, path="data/omniglot.npy", task_num=32, n_way=5, k_spt=1, k_qry=1,
+    def __init__(self, path, task_num=32, n_way=5, k_spt=1, k_qry=1,
                  device="cpu", seed=0, rotate=True, cache_size=100):
         problem = task_shape_problem(n_way, k_spt, k_qry, task_num)
         if problem is not None:

@@ -49,7 +49,6 @@ What is guaranteed:
 Usage: python preprocess_omniglot.py [--zips data/] [--out data/omniglot.npy] [--force] [--resize nearest|lanczos]
 """
 
-import argparse
 import contextlib
 import hashlib
 import io
@@ -72,7 +71,7 @@ import PIL
 import tqdm
 from PIL import Image
 
-from run_files import RunFileError, atomic_write
+from run_files import RUN_DEFAULTS, Parser, RunFileError, atomic_write
 
 DRAWINGS_PER_CHARACTER = 20
 SOURCE_SIZE = (105, 105)
@@ -93,13 +92,6 @@ CLASS_COUNT = sum(spec.characters for spec in ZIPS)  # 964 + 659 = 1623
 
 class PreprocessError(Exception):
     """A problem with the input or the output that the user can fix; the message says how."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but an error is one line on stderr (no usage dump) and exit status 2, as in maml_omniglot.py."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 @contextlib.contextmanager
@@ -377,7 +369,7 @@ def preprocess(zips_dir, out_path, force=False, resize="nearest"):
 def main(argv=None):
     parser = Parser(prog="preprocess_omniglot.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--zips", default="data/", help="folder holding (or receiving) the two zips")
-    parser.add_argument("--out", default="data/omniglot.npy", help="output array (.npy); its sidecar goes beside it")
+    parser.add_argument("--out", default=RUN_DEFAULTS["data"], help="output array (.npy); its sidecar goes beside it")
     parser.add_argument("--force", action="store_true", help="rebuild even if a valid output exists")
     parser.add_argument("--resize", choices=RESIZE_METHODS, default="nearest",
                         help="nearest: as the MAML reference (default); lanczos: antialiased")

@@ -35,7 +35,6 @@ README.md without the markers, a log.csv that cannot be read) or a refused --pub
 stderr that names the file or value and the fix, with nothing written.
 """
 
-import argparse
 import csv
 import json
 import math
@@ -47,7 +46,7 @@ import sys
 from pathlib import Path
 
 from curves import comparison_png, parse_log
-from run_files import FILES, NOT_LEARNED, RunFileError, atomic_write, read_log, read_model
+from run_files import FILES, NOT_LEARNED, Parser, RunFileError, atomic_write, read_log, read_model
 
 ROOT = Path(__file__).resolve().parent  # the repository: README.md and results/ (tests point it elsewhere)
 BEGIN, END = "<!-- results table: begin (python results_table.py) -->", "<!-- results table: end -->"
@@ -59,7 +58,7 @@ PAPER = {  # Finn et al. 2017, Table 1, Omniglot, MAML (second order)
 }
 PAPER_ITERATIONS = 60_000
 NOT_HYPERPARAMETERS = ("seed",) + NOT_LEARNED  # runs that differ in these alone are seeds of one setting
-PUBLISHED_FILES = ("summary.json", "log.csv", "curves.png", "model.pt")
+PUBLISHED_FILES = tuple(FILES[key] for key in ("summary", "log", "curves", "model"))  # all but the checkpoint
 REGENERATE = "regenerate it with today's maml_omniglot.py (rerun its command)"
 # The regression rule (regression_verdict): the largest difference allowed at any validation point, and over the
 # whole curve on average, as fractions.
@@ -69,13 +68,6 @@ MEAN_TOLERANCE = 0.04
 
 class BadInput(Exception):
     """A file or value this script cannot use; the message names it and the fix (exit code 2)."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but an error is one line on stderr (no usage dump) and exit code 2, as in maml_omniglot.py."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def shown(path):
@@ -155,7 +147,7 @@ def load_summary(path):
 def load_runs():
     """{folder name: summary} for every results/*/summary.json, each checked by load_summary. Hidden folders
     (a --publish in the middle of its copy) are not runs."""
-    paths = sorted((ROOT / "results").glob("*/summary.json"))
+    paths = sorted((ROOT / "results").glob(f"*/{FILES['summary']}"))
     return {path.parent.name: load_summary(path) for path in paths if not path.parent.name.startswith(".")}
 
 
@@ -287,9 +279,9 @@ def check_destination(run_dir, dest):
     if not dest.exists():
         return
     try:
-        held = "a finished run" if load_summary(dest / "summary.json")["status"] == "finished" else None
+        held = "a finished run" if load_summary(dest / FILES["summary"])["status"] == "finished" else None
     except BadInput:
-        held = "no summary.json" if not (dest / "summary.json").exists() else "a summary.json this table cannot read"
+        held = "no summary.json" if not (dest / FILES["summary"]).exists() else "a summary.json this table cannot read"
     if held:
         raise BadInput(f"refusing to publish {run_dir} as {shown(dest)}: it already holds {held}; "
                        f"choose another name with --as NAME, or remove {shown(dest)} first")
@@ -309,24 +301,24 @@ def publish(run_dir, name=None, without_weights=False):
     name = name or run_dir.resolve().name
     if name in ("", ".", "..") or name.startswith(".") or "/" in name or os.sep in name:
         raise BadInput(f"--as {name!r} is not a folder name for results/: give one like 5w1s-seed1")
-    if not (run_dir / "summary.json").is_file():
+    if not (run_dir / FILES["summary"]).is_file():
         raise BadInput(f"{run_dir} has no summary.json: give the folder that maml_omniglot.py wrote the run to "
                        "(its --out)")
-    summary = load_summary(run_dir / "summary.json")
+    summary = load_summary(run_dir / FILES["summary"])
     if summary["status"] != "finished":
         raise BadInput(f"{run_dir / 'summary.json'} says the run is in progress (iteration {summary['iteration']:,} "
                        f"of {summary['config']['iterations']:,}): finish it (its command with --resume), then "
                        "publish it")
-    files = [file for file in PUBLISHED_FILES if not (without_weights and file == "model.pt")]
+    files = [file for file in PUBLISHED_FILES if not (without_weights and file == FILES["model"])]
     missing = [file for file in files if not (run_dir / file).is_file()]
-    if missing == ["model.pt"]:
+    if missing == [FILES["model"]]:
         raise BadInput(f"{run_dir} has no model.pt, the trained weights that a published run ships: publish the "
                        "folder the run wrote them to, or add --without-weights to publish it without")
     if missing:
         raise BadInput(f"{run_dir} lacks {', '.join(missing)}: a finished run of maml_omniglot.py writes them "
                        f"(python maml_omniglot.py --plot-only {run_dir} redraws curves.png)")
     read_run_log(run_dir)  # as --plot-only and --evaluate would read them
-    if "model.pt" in files:
+    if FILES["model"] in files:
         try:
             read_model(run_dir / FILES["model"])
         except RunFileError as error:

@@ -1,4 +1,4 @@
-"""The files of a run: what maml_omniglot.py writes into its output folder, and how.
+"""The files of a run: what maml_omniglot.py writes into its output folder, and how; and the config they record.
 
 A run's folder (--out, runs/<setting>/ by default) holds:
 
@@ -24,7 +24,8 @@ A run's folder (--out, runs/<setting>/ by default) holds:
                  run) with its own iterations, command, commit, device, processes, computation (the tasks
                  batched or one by one, a CUDA graph or not) and wall time. Rewritten at every
                  checkpoint, so an unfinished run always has an up-to-date record of where it is and what
-                 produced it.
+                 produced it. A finished run whose meta-training diverged (a train row's meta-loss more than
+                 DIVERGED_LOSS times ln N) also has "warnings", which say so.
                  A folder whose summary says "finished" is never written into again.
   curves.png     drawn from log.csv by curves.py.
   checkpoint.pt  everything needed to continue the run exactly (CHECKPOINT_KEYS below): θ (the
@@ -45,6 +46,12 @@ A run's folder (--out, runs/<setting>/ by default) holds:
                  with the flags given), and the command, git, device, computation, torch, python and
                  started_utc of the process that evaluated, as a segment of summary.json records them.
 
+The config that the files record ("config" in summary.json, checkpoint.pt, model.pt and evaluation.json)
+is defined here too, in the section "The config": the paper's four settings, the defaults of the other
+flags, what --evaluate may change, the limits and config_problem, which refuses an impossible value in one
+line before any data is loaded; the keys that do not change what is learned (NOT_LEARNED) and the values
+of keys added later (ADDED_CONFIG); and Parser, the one-line command-line error of every script.
+
 Files of older formats keep working. A checkpoint or model.pt of an older format that this code still
 reads is upgraded as it is read (UPGRADES), and a config written before a key existed gets the value that
 reproduces what that code did (ADDED_CONFIG), so that every committed checkpoint and published model.pt
@@ -60,16 +67,19 @@ On CPU, the same command on the same machine gives a bit-identical log.csv, also
 --resume, in every column except elapsed_s (wall-clock time cannot repeat).
 """
 
+import argparse
 import csv
 import dataclasses
 import fcntl
 import hashlib
 import io
 import json
+import math
 import os
 import platform
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -78,6 +88,7 @@ import zipfile
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 FILES = {"log": "log.csv", "summary": "summary.json", "curves": "curves.png", "checkpoint": "checkpoint.pt",
          "model": "model.pt"}  # a run folder's files, by what they are
@@ -86,14 +97,6 @@ CHECKPOINT_KEYS = ("format", "config", "run", "theta", "meta_optim", "rng", "sam
 CHECKPOINT_LAST_READERS = {1: "1e6d682", 2: "bf074d8"}  # formats too old to upgrade: the last commit that reads them
 MODEL_FORMAT = 2  # 2: θ as the MetaLearner's state_dict; 1: the network's ("state_dict")
 MODEL_KEYS = ("format", "config", "param_names", "theta", "digest")
-# The config keys that do not change what is learned: where the files are, how often to checkpoint, and the
-# device (which changes floating-point rounding only). A run may resume with other values of these, and runs
-# that differ in these and the seed alone are seeds of one configuration (results_table.py).
-NOT_LEARNED = ("data", "out", "device", "checkpoint_every")
-# Config keys added after runs were first written, each with the value that gives what the code did before
-# the key existed. Every config read from a checkpoint or model.pt gets them (read_checkpoint, read_model),
-# so that a new option never orphans an earlier run: add a key here when you add it to the config.
-ADDED_CONFIG = {}
 
 
 class RunFileError(Exception):
@@ -107,6 +110,108 @@ class Refused(RunFileError):
 
 class FolderInUse(Refused):
     """Another process holds the folder's lock."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# The config: what every file of a run records as its "config", and the refusal of impossible values
+# ----------------------------------------------------------------------------------------------------
+# Settings: the paper's appendix (reference code: github.com/cbfinn/maml)
+SETTINGS = {
+    "5w1s": dict(n_way=5, k_spt=1, task_num=32, update_step=1, update_lr=0.4, update_step_test=3),
+    "5w5s": dict(n_way=5, k_spt=5, task_num=32, update_step=1, update_lr=0.4, update_step_test=3),
+    "20w1s": dict(n_way=20, k_spt=1, task_num=16, update_step=5, update_lr=0.1, update_step_test=5),
+    "20w5s": dict(n_way=20, k_spt=5, task_num=16, update_step=5, update_lr=0.1, update_step_test=5),
+}
+COMMON = dict(meta_lr=1e-3, iterations=60000)  # and k_qry = k_spt: K query drawings per class
+# The flags that are not the algorithm's: how a run is run, logged and stored.
+RUN_DEFAULTS = dict(seed=0, device="auto", eval_every=500, eval_tasks=320, test_tasks=600, checkpoint_every=500,
+                    data="data/omniglot.npy")
+# --evaluate takes these flags, and reads every other value from the model's config...
+EVALUATE_FLAGS = ("n_way", "k_spt", "k_qry", "update_step_test", "test_tasks", "seed", "split", "data", "device",
+                  "out")
+# ...into which it puts the values given, except these two, which are the evaluation's own, not the model's: the
+# classes it tests on, and the folder of evaluation.json (the config keeps the training's --out).
+EVALUATE_OWN = ("split", "out")
+SEED_LIMIT = 2 ** 32  # numpy's legacy seeding accepts 0 .. 2**32 - 1
+MAX_EVALUATION_TASKS = 100_000  # the paper tests on 600; 100,000 already take hours on a CPU
+MAX_INNER_STEPS = 100  # the paper takes 1 to 5, the reference code tests with 10
+# The config keys that do not change what is learned: where the files are, how often to checkpoint, and the
+# device (which changes floating-point rounding only). A run may resume with other values of these, and runs
+# that differ in these and the seed alone are seeds of one configuration (results_table.py).
+NOT_LEARNED = ("data", "out", "device", "checkpoint_every")
+# Config keys added after runs were first written, each with the value that gives what the code did before
+# the key existed. Every config read from a checkpoint or model.pt gets them (read_checkpoint, read_model),
+# so that a new option never orphans an earlier run: add a key here when you add it to the config.
+ADDED_CONFIG = {}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line on stderr (no usage dump) and exit code 2: the command line of every
+    script here (maml_omniglot.py, preprocess_omniglot.py, results_table.py, benchmark.py)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def flag(key):
+    """The command-line flag that sets a config key: update_lr -> --update-lr."""
+    return "--" + key.replace("_", "-")
+
+
+def training_config(flags):
+    """A training run's config, from its command-line flags (a dict: None, or False, where one is not given):
+    the setting's values (5w1s unless --setting) and COMMON, Q = K (k_qry = k_spt) unless --k-qry, and
+    RUN_DEFAULTS with runs/<setting>/ as --out, each replaced by its flag where given. Not checked here."""
+    setting = flags["setting"] or "5w1s"
+    cfg = {"setting": setting}
+    for key, default in dict(SETTINGS[setting], **COMMON).items():
+        cfg[key] = default if flags[key] is None else flags[key]
+    cfg.update(k_qry=cfg["k_spt"] if flags["k_qry"] is None else flags["k_qry"], first_order=flags["first_order"],
+               rotate=not flags["no_rotate"])
+    for key, default in dict(RUN_DEFAULTS, out=os.path.join("runs", setting)).items():
+        cfg[key] = default if flags[key] is None else flags[key]
+    return cfg
+
+
+def evaluation_config(model_config, flags):
+    """--evaluate's config: the model's, with the EVALUATE_FLAGS given (flags as training_config takes them) in
+    place of its values, but for EVALUATE_OWN; N must be the model's (maml_omniglot.py checks it), and the
+    device is the evaluation's own (auto unless --device), not the training's. Not checked here."""
+    cfg = dict(model_config)
+    cfg.update({key: flags[key] for key in EVALUATE_FLAGS if key not in EVALUATE_OWN and flags[key] is not None})
+    cfg["device"] = flags["device"] or "auto"  # the model may have been trained elsewhere
+    return cfg
+
+
+def config_problem(cfg):
+    """The first impossible value in a config, as the one line that refuses it (naming its flags), or None.
+
+    The values alone, so that they are refused before any data is loaded; what this machine and torchrun make
+    of them (the device, the meta-batch's split over the processes) maml_omniglot.py checks itself.
+    """
+    # Imported here, not at the top: omniglot_nshot imports preprocess_omniglot, which imports this module.
+    from omniglot_nshot import task_shape_problem
+
+    problem = task_shape_problem(cfg["n_way"], cfg["k_spt"], cfg["k_qry"], cfg["task_num"])
+    if problem is not None:
+        names, what = problem
+        return f"{' + '.join(flag(name) for name in names)} {what}"
+    for key in ("update_lr", "meta_lr"):
+        if not (math.isfinite(cfg[key]) and cfg[key] > 0):
+            return f"{flag(key)} must be a positive number, got {cfg[key]}"
+    for key in ("update_step", "update_step_test", "iterations", "eval_every", "eval_tasks", "test_tasks",
+                "checkpoint_every"):
+        if cfg[key] < 1:
+            return f"{flag(key)} must be at least 1, got {cfg[key]}"
+    for key, limit, why in (("eval_tasks", MAX_EVALUATION_TASKS, "the paper tests on 600"),
+                            ("test_tasks", MAX_EVALUATION_TASKS, "the paper tests on 600"),
+                            ("update_step", MAX_INNER_STEPS, "the paper takes 1 to 5"),
+                            ("update_step_test", MAX_INNER_STEPS, "the paper takes 3 to 5")):
+        if cfg[key] > limit:
+            return f"{flag(key)} {cfg[key]} is more than {limit:,}, which would take hours ({why})"
+    if not 0 <= cfg["seed"] < SEED_LIMIT:
+        return f"--seed must be between 0 and {SEED_LIMIT - 1}, got {cfg['seed']}"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -462,6 +567,23 @@ def describe_changes(previous, current):
     return changes
 
 
+DIVERGED_LOSS = 10  # a train row whose meta-loss is this many times ln(N), a uniform guess's, has diverged
+
+
+def divergence(cfg, loss):
+    """The warning when a train row's meta-loss says the meta-training diverged (finite, but far above a
+    uniform guess's ln N), or None. Non-finite numbers stop the run instead (MetaLearner.forward)."""
+    if loss <= DIVERGED_LOSS * math.log(cfg["n_way"]):
+        return None
+    return (f"the meta-loss, {loss:.3g}, is more than {DIVERGED_LOSS} times a uniform guess's "
+            f"({math.log(cfg['n_way']):.2f}): the meta-training has diverged, try a smaller --update-lr or --meta-lr")
+
+
+def divergence_warnings(cfg, log):
+    """A finished run's summary.json "warnings": that of the last train row in the log that diverged, if any."""
+    return [w for w in (divergence(cfg, row["loss"]) for row in log if row["split"] == "train") if w][-1:]
+
+
 def write_summary(path, cfg, state, test_accs=None, test_ci=None, warnings=()):
     """summary.json: "in progress" after every checkpoint (describing exactly the checkpoint), then
     "finished" with the test accuracies. The top-level command, git, versions and device are those of
@@ -495,6 +617,45 @@ def write_summary(path, cfg, state, test_accs=None, test_ci=None, warnings=()):
     if warnings:
         summary["warnings"] = list(warnings)
     atomic_write(path, (json.dumps(summary, indent=2) + "\n").encode())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stopping on a signal: at the end of the iteration, with a checkpoint
+# ----------------------------------------------------------------------------------------------------
+
+
+class StopRequested:
+    """SIGINT and SIGTERM while training: say so at once, finish the iteration (and its validation),
+    checkpoint it and exit with 128 + the signal number. The training loop reads `signum` at the end of
+    every iteration, and calls end_run() once it has checkpointed. Once `at_once` names what runs (the final
+    test, after the last checkpoint), a signal stops it at once instead, as KeyboardInterrupt."""
+
+    def __init__(self, writer):
+        self.writer, self.signum, self.at_once, self.previous = writer, None, None, {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.at_once:
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} during {self.at_once}")
+        if self.signum is None and self.writer:
+            tqdm.write(f"{signal.Signals(signum).name}: stopping after this iteration (and its validation, if it "
+                       f"has one), with a checkpoint", file=sys.stderr)
+        self.signum = signum
+
+    def end_run(self, signum, iteration, checkpoint_path):
+        """Stop the run, checkpointed at `iteration`, for signal signum (this process's or another's)."""
+        if self.writer:
+            tqdm.write(f"{signal.Signals(signum).name} at iteration {iteration}: checkpoint saved to "
+                       f"{checkpoint_path}; continue with the same command and --resume", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -568,12 +729,12 @@ def upgrade_model_1(contents):
     return contents
 
 
-KIND_MARKS = {"checkpoint.pt": "sampler", "model.pt": "param_names"}  # a key that only this kind of file has
+KIND_MARKS = {FILES["checkpoint"]: "sampler", FILES["model"]: "param_names"}  # a key that only this kind of file has
 # The older formats still read, by file: {format: (the keys it has, the function that makes it today's)}.
 UPGRADES = {
-    "checkpoint.pt": {3: (("format", "config", "run", "net", "meta_optim", "rng", "sampler", "digest"),
-                          upgrade_checkpoint_3)},
-    "model.pt": {1: (("format", "config", "param_names", "state_dict", "digest"), upgrade_model_1)},
+    FILES["checkpoint"]: {3: (("format", "config", "run", "net", "meta_optim", "rng", "sampler", "digest"),
+                                upgrade_checkpoint_3)},
+    FILES["model"]: {1: (("format", "config", "param_names", "state_dict", "digest"), upgrade_model_1)},
 }
 
 
@@ -593,7 +754,7 @@ def load_with_digest(path, kind, keys, fmt, weights_only, last_readers=None):
     other = next((name for name, mark in KIND_MARKS.items() if name != kind and isinstance(contents, dict)
                   and mark in contents), None)
     if other is not None:
-        hint = ("--evaluate it, or give the run's checkpoint.pt" if other == "model.pt"
+        hint = ("--evaluate it, or give the run's checkpoint.pt" if other == FILES["model"]
                 else "a run writes model.pt when it finishes")
         raise RunFileError(f"{path} is a {other}, not a {kind}: {hint}")
     found_format = contents.get("format") if isinstance(contents, dict) else None
@@ -638,7 +799,7 @@ def restore(checkpoint, meta_learner, sampler):
 def read_checkpoint(path):
     """Read and check a checkpoint: the one reader of what write_checkpoint writes (of any format it still
     upgrades). A checkpoint is a pickle (it holds numpy's RNG state): load only your own. Raises RunFileError."""
-    return load_with_digest(path, "checkpoint.pt", CHECKPOINT_KEYS, CHECKPOINT_FORMAT, weights_only=False,
+    return load_with_digest(path, FILES["checkpoint"], CHECKPOINT_KEYS, CHECKPOINT_FORMAT, weights_only=False,
                             last_readers=CHECKPOINT_LAST_READERS)
 
 
@@ -652,4 +813,4 @@ def read_model(path):
     """Read and check a model.pt with torch.load(weights_only=True). Raises RunFileError."""
     if not os.path.isfile(path):
         raise RunFileError(f"{path} is not a file: give the model.pt of a finished run")
-    return load_with_digest(path, "model.pt", MODEL_KEYS, MODEL_FORMAT, weights_only=True)
+    return load_with_digest(path, FILES["model"], MODEL_KEYS, MODEL_FORMAT, weights_only=True)

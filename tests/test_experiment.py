@@ -285,7 +285,7 @@ def test_a_finite_divergence_finishes_with_a_warning_everywhere(learnable_omnigl
     [warning] = json.loads((out / "summary.json").read_text())["warnings"]
     assert warning.startswith("the meta-loss, ") and "the meta-training has diverged" in warning
     loss = float(log_rows(out)[1]["loss"])
-    assert np.isfinite(loss) and loss > maml_omniglot.DIVERGED_LOSS * np.log(5) and f"{loss:.3g}" in warning
+    assert np.isfinite(loss) and loss > run_files.DIVERGED_LOSS * np.log(5) and f"{loss:.3g}" in warning
     [iteration_line] = [line for line in captured.out.splitlines() if line.startswith("iteration 1: ")]
     assert iteration_line.endswith(f"; warning: {warning}")
     [test_line] = [line for line in captured.out.splitlines() if line.startswith("test accuracy")]
@@ -502,7 +502,7 @@ def test_ctrl_c_during_the_test_keeps_the_checkpoint_and_resume_finishes(finishe
 
 def test_a_signal_during_training_is_announced_at_once(capsys):
     """Unit test of the handler: the stop is said when the signal comes, not minutes later at the checkpoint."""
-    stop = maml_omniglot.StopRequested(writer=True)
+    stop = run_files.StopRequested(writer=True)
     stop.handle(signal.SIGINT, None)
     assert capsys.readouterr().err == ("SIGINT: stopping after this iteration (and its validation, if it has one), "
                                        "with a checkpoint\n")

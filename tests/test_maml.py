@@ -1,9 +1,12 @@
 """BaseNet and MetaLearner: shapes, exact second-order gradients, the first-order option, the
 inner-loss scaling, the two paths through a batch of tasks and the rule that picks one, finetunning's
-promises, the meta-step as one function (step_tensors) with its refusals, and real learning on Omniglot."""
+promises, the meta-step as one function (step_tensors) with its refusals, and real learning on Omniglot;
+and that benchmark.py, which times them, loads neither the experiment nor matplotlib."""
 
 import copy
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -380,3 +383,13 @@ def test_the_compiled_path_computes_the_eager_paths_function():
         error, eager_error = (torch.linalg.norm(g - exact_grad) / torch.linalg.norm(exact_grad)
                               for g in (grad, eager_grad))
         assert error <= max(2 * eager_error, 1e-6), (name, error.item(), eager_error.item())
+
+
+def test_benchmark_loads_neither_the_experiment_nor_matplotlib():
+    """Timing a meta-step needs the meta-learner, the settings and random tasks: not maml_omniglot.py, and
+    not curves.py's matplotlib, which take seconds to load and are none of its business."""
+    code = ("import sys, benchmark; loaded = {'maml_omniglot', 'curves', 'matplotlib'} & set(sys.modules); "
+            "assert not loaded, f'benchmark.py loads {sorted(loaded)}'")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
