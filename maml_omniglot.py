@@ -71,7 +71,7 @@ DIVERGED_LOSS = 10  # a train row whose meta-loss is this many times ln(N), a un
 # ----------------------------------------------------------------------------------------------------
 
 
-def run(cfg, resume, command, cuda_graph):
+def run(cfg, resume, command, cuda_graph, compiled):
     """The experiment: the output folder (checked and locked), start or resume, train, test, report.
 
     Under torchrun only rank 0 touches the folder: it checks it, locks it, reads the checkpoint and sends
@@ -80,7 +80,7 @@ def run(cfg, resume, command, cuda_graph):
     writer = distributed.writer()
     with run_files.RunFolder(cfg["out"], resume, writer) as folder:
         checkpoint = distributed.from_rank_0(folder.resume_point(cfg), "the checkpoint")
-        sampler, meta_learner, state = start_or_resume(cfg, checkpoint, command, cuda_graph)
+        sampler, meta_learner, state = start_or_resume(cfg, checkpoint, command, cuda_graph, compiled)
         with StopRequested(writer) as stop:
             train(cfg, meta_learner, sampler, state, paths, stop)
             stop.at_once = "the final test"  # nothing is lost: the checkpoint is at the last iteration
@@ -106,21 +106,37 @@ def sampler_and_meta_learner(cfg):
     return sampler, meta_learner
 
 
-def start_or_resume(cfg, checkpoint, command, cuda_graph):
-    """The sampler, the meta-learner and the run's state: fresh from the seed, or as the checkpoint left them."""
+def start_or_resume(cfg, checkpoint, command, cuda_graph, compiled):
+    """The sampler, the meta-learner and the run's state: fresh from the seed, or as the checkpoint left them.
+    With --compile, the compiled meta-step is built here, before the segment records how it computes."""
     sampler, meta_learner = sampler_and_meta_learner(cfg)
+    compile_s = compile_meta_step(cfg, meta_learner) if compiled else None
     state = RunState(update_step=cfg["update_step"])
     if checkpoint is not None:
         state = run_files.restore(checkpoint, meta_learner, sampler)
         if distributed.writer():
             print(f"resuming from {os.path.join(cfg['out'], FILES['checkpoint'])} at iteration {state.iteration}",
                   file=sys.stderr)
-    state.start_segment(new_segment(state.iteration, cfg, command, computation(cfg, meta_learner, cuda_graph)))
+    segment = new_segment(state.iteration, cfg, command, computation(cfg, meta_learner, cuda_graph))
+    state.start_segment(segment if compile_s is None else dict(segment, compile_s=round(compile_s, 1)))
     changes = run_files.describe_changes(*state.segments[-2:]) if len(state.segments) > 1 else []
     if changes and distributed.writer():
         print(f"note: this segment differs from the previous one ({'; '.join(changes)}): the run continues "
               f"correctly, but not bit for bit as it would have; summary.json records both", file=sys.stderr)
     return sampler, meta_learner, state
+
+
+def compile_meta_step(cfg, meta_learner):
+    """--compile: the meta-step one task after another through one compiled function (MetaLearner batching
+    "compiled"), built now, once per process; returns the seconds it took (start-up, not training time)."""
+    meta_learner.batching = "compiled"
+    if distributed.writer():
+        print(f"compiling the meta-step for {cfg['n_way']}-way {cfg['k_spt']}-shot tasks (torch.compile, once per "
+              f"process: minutes on a CPU, seconds when its cache has it)", file=sys.stderr)
+    seconds = meta_learner.compile_meta_step(cfg["n_way"], cfg["k_spt"], cfg["k_qry"])
+    if distributed.writer() and meta_learner.compiler_works:
+        print(f"compiled in {seconds:.0f} s", file=sys.stderr)
+    return seconds
 
 
 def computation(cfg, meta_learner, cuda_graph):
@@ -368,6 +384,8 @@ def build_parser():
     p.add_argument("--device", help="auto (CUDA when available), cpu, cuda or cuda:N (auto)")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="on CUDA, run every meta-step eagerly instead of replaying it as one CUDA graph")
+    p.add_argument("--compile", action="store_true", help="on the CPU, second order: each task's meta-step "
+                   "through one torch.compile'd function (minutes to compile, then faster: SPEED.md)")
     p.add_argument("--eval-every", type=int, help="validate and log training every N iterations (500)")
     p.add_argument("--eval-tasks", type=int, help="validation tasks per validation (320)")
     p.add_argument("--test-tasks", type=int, help="test tasks at the end, or with --evaluate (600)")
@@ -476,7 +494,9 @@ def main(argv=None):
         cfg = resolve_config(args, parser)
         checkpoint_path = os.path.join(cfg["out"], FILES["checkpoint"])
         distributed.join(cfg["device"])
-        code = run(cfg, args.resume, command, cuda_graph=not args.no_cuda_graph)
+        if args.compile and (cfg["first_order"] or torch.device(cfg["device"]).type != "cpu"):
+            parser.error("--compile is for second-order MAML on the CPU (on CUDA the meta-step is one CUDA graph)")
+        code = run(cfg, args.resume, command, cuda_graph=not args.no_cuda_graph, compiled=args.compile)
         distributed.leave()
         return code
     except Refused as e:  # a folder or file named on the command line that cannot be used as asked
