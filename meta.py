@@ -36,13 +36,15 @@ the one rule that picks the path, for the meta-step and finetunning alike; the p
 same code on batches of one task, so both compute the same function, up to float32 rounding
 (tests/test_maml.py compares both with plain_maml.py and with each other).
 
-Or one task after another through a compiled function, only when asked for (batching "compiled", second
-order only): each task's query loss after its inner steps is written with torch.func (task_meta_loss),
-each inner gradient torch.func.grad of the support loss, and the whole differentiated by torch.func.grad
-again and compiled by torch.compile (inductor) into one graph, called once per task: (∇θ L_query,i,
-L_query,i, accuracies) (compiled_meta_loss). The same function as the eager paths, to float32 rounding
-(tests/test_maml.py); the first call compiles, once per process, thread count and shape. Without a C++
-compiler the eager per-task path runs instead, with one line saying so.
+Or one task after another through a compiled function, only when asked for (batching "compiled",
+maml_omniglot.py --compile; on the CPU, second order only): each task's query loss after its inner
+steps is written with torch.func (task_meta_loss), each inner gradient torch.func.grad of the support
+loss, and the whole differentiated by torch.func.grad again and compiled by torch.compile (inductor)
+into one graph, called once per task: (∇θ L_query,i, L_query,i, accuracies) (compiled_meta_loss). The
+same function as the eager paths, to float32 rounding (tests/test_maml.py); the first call compiles
+(compile_meta_step), once per process, thread count and shape, minutes on a CPU unless inductor's cache
+already has it. Finetunning stays eager, by the size rule. Without a C++ compiler the eager path of the
+size rule runs instead, with one line saying so.
 
 One meta-step without waiting for the device. `step_tensors` is the whole meta-step (zero the
 gradients, meta-loss, backward, finiteness check, Adam step) on tensors alone: no number is read on the
