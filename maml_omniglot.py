@@ -51,7 +51,7 @@ from run_files import (EVALUATE_FLAGS, FILES, SETTINGS, Parser, Refused, RunFile
 # ----------------------------------------------------------------------------------------------------
 
 
-def run(cfg, resume, command, cuda_graph):
+def run(cfg, resume, command, cuda_graph, compiled):
     """The experiment: the output folder (checked and locked), start or resume, train, test, report.
 
     Under torchrun only rank 0 touches the folder: it checks it, locks it, reads the checkpoint and sends
@@ -60,7 +60,7 @@ def run(cfg, resume, command, cuda_graph):
     writer = distributed.writer()
     with run_files.RunFolder(cfg["out"], resume, writer) as folder:
         checkpoint = distributed.from_rank_0(folder.resume_point(cfg), "the checkpoint")
-        sampler, meta_learner, state = start_or_resume(cfg, checkpoint, command, cuda_graph)
+        sampler, meta_learner, state = start_or_resume(cfg, checkpoint, command, cuda_graph, compiled)
         with run_files.StopRequested(writer) as stop:
             train(cfg, meta_learner, sampler, state, paths, stop)
             stop.at_once = "the final test"  # nothing is lost: the checkpoint is at the last iteration
@@ -86,32 +86,29 @@ def sampler_and_meta_learner(cfg):
     return sampler, meta_learner
 
 
-def start_or_resume(cfg, checkpoint, command, cuda_graph):
-    """The sampler, the meta-learner and the run's state: fresh from the seed, or as the checkpoint left them."""
+def start_or_resume(cfg, checkpoint, command, cuda_graph, compiled):
+    """The sampler, the meta-learner and the run's state: fresh from the seed, or as the checkpoint left them.
+    With --compile, the compiled meta-step is built here, before the segment records how it computes."""
     sampler, meta_learner = sampler_and_meta_learner(cfg)
+    compile_s = None
+    if compiled:  # --compile: MetaLearner's batching "compiled", its function built now, once per process
+        if distributed.writer():
+            print("compiling the meta-step (torch.compile: minutes on a CPU, seconds from its cache)", file=sys.stderr)
+        meta_learner.batching = "compiled"
+        compile_s = meta_learner.compile_meta_step(cfg["n_way"], cfg["k_spt"], cfg["k_qry"])
     state = RunState(update_step=cfg["update_step"])
     if checkpoint is not None:
         state = run_files.restore(checkpoint, meta_learner, sampler)
         if distributed.writer():
             print(f"resuming from {os.path.join(cfg['out'], FILES['checkpoint'])} at iteration {state.iteration}",
                   file=sys.stderr)
-    state.start_segment(new_segment(state.iteration, cfg, command, computation(cfg, meta_learner, cuda_graph)))
+    segment = new_segment(state.iteration, cfg, command, run_files.computation(cfg, meta_learner, cuda_graph))
+    state.start_segment(segment if compile_s is None else dict(segment, compile_s=round(compile_s, 1)))
     changes = run_files.describe_changes(*state.segments[-2:]) if len(state.segments) > 1 else []
     if changes and distributed.writer():
         print(f"note: this segment differs from the previous one ({'; '.join(changes)}): the run continues "
               f"correctly, but not bit for bit as it would have; summary.json records both", file=sys.stderr)
     return sampler, meta_learner, state
-
-
-def computation(cfg, meta_learner, cuda_graph):
-    """How this process computes, as its segment in summary.json records it: the tasks batched or one by one
-    in the meta-step and finetunning (MetaLearner.path), and whether the meta-step is one CUDA graph (on
-    CUDA, unless --no-cuda-graph, and not under torchrun, whose all-reduce runs between the backward pass
-    and the Adam step). The training loop reads cuda_graph from here: it does what is recorded."""
-    device = torch.device(cfg["device"])
-    images_per_task = cfg["n_way"] * (cfg["k_spt"] + cfg["k_qry"])
-    return {"tasks": meta_learner.path(device, images_per_task),
-            "cuda_graph": cuda_graph and device.type == "cuda" and not distributed.launched()}
 
 
 def train(cfg, meta_learner, sampler, state, paths, stop):
@@ -278,7 +275,7 @@ def evaluate_model(args, parser, command):
         for step, (a, c) in enumerate(zip(accs, ci95)):
             print(f"  {step} step{'s' * (step != 1)}: {100 * a:.2f} ± {100 * c:.2f} %")
         folder.write_evaluation(accs, ci95, split, args.evaluate, cfg,
-                                new_segment(0, cfg, command, computation(cfg, meta_learner, cuda_graph=False)))
+                                new_segment(0, cfg, command, run_files.computation(cfg, meta_learner, False)))
     return 0
 
 
@@ -306,6 +303,8 @@ def build_parser():
     p.add_argument("--device", help="auto (CUDA when available), cpu, cuda or cuda:N (auto)")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="on CUDA, run every meta-step eagerly instead of replaying it as one CUDA graph")
+    p.add_argument("--compile", action="store_true", help="on the CPU, second order: each task's meta-step "
+                   "through one torch.compile'd function (minutes to compile, then faster: SPEED.md)")
     p.add_argument("--eval-every", type=int, help="validate and log training every N iterations (500)")
     p.add_argument("--eval-tasks", type=int, help="validation tasks per validation (320)")
     p.add_argument("--test-tasks", type=int, help="test tasks at the end, or with --evaluate (600)")
@@ -387,7 +386,9 @@ def main(argv=None):
         cfg = resolve_config(args, parser)
         checkpoint_path = os.path.join(cfg["out"], FILES["checkpoint"])
         distributed.join(cfg["device"])
-        code = run(cfg, args.resume, command, cuda_graph=not args.no_cuda_graph)
+        if args.compile and (cfg["first_order"] or torch.device(cfg["device"]).type != "cpu"):
+            parser.error("--compile is for second-order MAML on the CPU (on CUDA the meta-step is one CUDA graph)")
+        code = run(cfg, args.resume, command, cuda_graph=not args.no_cuda_graph, compiled=args.compile)
         distributed.leave()
         return code
     except Refused as e:  # a folder or file named on the command line that cannot be used as asked

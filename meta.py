@@ -36,13 +36,15 @@ the one rule that picks the path, for the meta-step and finetunning alike; the p
 same code on batches of one task, so both compute the same function, up to float32 rounding
 (tests/test_maml.py compares both with plain_maml.py and with each other).
 
-Or one task after another through a compiled function, only when asked for (batching "compiled", second
-order only): each task's query loss after its inner steps is written with torch.func (task_meta_loss),
-each inner gradient torch.func.grad of the support loss, and the whole differentiated by torch.func.grad
-again and compiled by torch.compile (inductor) into one graph, called once per task: (∇θ L_query,i,
-L_query,i, accuracies) (compiled_meta_loss). The same function as the eager paths, to float32 rounding
-(tests/test_maml.py); the first call compiles, once per process, thread count and shape. Without a C++
-compiler the eager per-task path runs instead, with one line saying so.
+Or one task after another through a compiled function, only when asked for (batching "compiled",
+maml_omniglot.py --compile; on the CPU, second order only): each task's query loss after its inner
+steps is written with torch.func (task_meta_loss), each inner gradient torch.func.grad of the support
+loss, and the whole differentiated by torch.func.grad again and compiled by torch.compile (inductor)
+into one graph, called once per task: (∇θ L_query,i, L_query,i, accuracies) (compiled_meta_loss). The
+same function as the eager paths, to float32 rounding (tests/test_maml.py); the first call compiles
+(compile_meta_step), once per process, thread count and shape, minutes on a CPU unless inductor's cache
+already has it. Finetunning stays eager, by the size rule. Without a C++ compiler the eager path of the
+size rule runs instead, with one line saying so.
 
 One meta-step without waiting for the device. `step_tensors` is the whole meta-step (zero the
 gradients, meta-loss, backward, finiteness check, Adam step) on tensors alone: no number is read on the
@@ -64,6 +66,7 @@ One 5w1s meta-iteration (T = 32, N = 5, K = Q = 1, one inner step), from the sam
 
 import functools
 import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -74,6 +77,12 @@ from learner import BaseNet
 # MetaLearner's `batching`: "auto" lets MetaLearner.path decide; "compiled" is only ever asked for
 BATCHINGS = ("auto", "batched", "per task", "compiled")
 CPU_BATCHED_IMAGES = 20  # on the CPU, tasks of at most this many images (support + query) run batched
+
+
+def path_by_size(device, images_per_task):
+    """MetaLearner.path's rule: "per task" for tasks of more than CPU_BATCHED_IMAGES images on the CPU,
+    "batched" otherwise."""
+    return "per task" if device.type == "cpu" and images_per_task > CPU_BATCHED_IMAGES else "batched"
 
 
 def accuracy_per_task(logits, labels):
@@ -155,18 +164,20 @@ class MetaLearner(nn.Module):
         """How a batch of tasks of `images_per_task` images each (N*K support + N*Q query) runs on `device`:
         "batched" (all at once) or "per task" (one after another), for the meta-step and finetunning, or
         "compiled" (the meta-step one task after another through a compiled function, compiled_meta_loss;
-        finetunning per task), which only `batching` asks for.
+        finetunning as the rule says), which only `batching` asks for, on the CPU.
 
         The rule, from measurements on this project's 2-core CPU (SPEED.md, "which path, by task size";
         benchmark.py prints both paths and marks the one picked here): the CPU batches tasks of at most
         CPU_BATCHED_IMAGES images and runs larger ones one by one, whatever the number of inner steps.
         CUDA always batches: one kernel launch per operation instead of one per task, and one graph
         (cuda_graph.py). A `batching` other than "auto" overrides the rule (tests and benchmark.py run
-        both paths).
+        both paths); "compiled" falls back to the rule once torch.compile has failed here.
         """
-        if self.batching != "auto":
+        if self.batching == "compiled" and self.compiler_works:
+            return "compiled"
+        if self.batching not in ("auto", "compiled"):
             return self.batching
-        return "per task" if device.type == "cpu" and images_per_task > CPU_BATCHED_IMAGES else "batched"
+        return path_by_size(device, images_per_task)
 
     def support_loss(self, logits, labels):
         """Inner loss per task: Σ over the support examples of cross-entropy / K. [T, n, N], [T, n] -> [T]."""
@@ -203,17 +214,16 @@ class MetaLearner(nn.Module):
         has N*Q query examples.
         """
         path = self.path(x_spt.device, x_spt.shape[1] + x_qry.shape[1])
-        if path == "batched":
-            return self.batch_meta_loss(x_spt, y_spt, x_qry, y_qry)
-        if path == "compiled" and self.first_order:
-            raise ValueError("batching 'compiled' is second-order MAML only")
-        if path == "compiled" and self.compiler_works:
+        if path == "compiled":
             try:
                 return self.compiled_meta_loss(x_spt, y_spt, x_qry, y_qry)
             except torch._dynamo.exc.BackendCompilerFailed as error:  # no C++ compiler, for one
                 self.compiler_works = False
-                print(f"meta.py: torch.compile failed, the tasks run per task, eager: {str(error).splitlines()[0]}",
-                      file=sys.stderr)
+                path = self.path(x_spt.device, x_spt.shape[1] + x_qry.shape[1])
+                print(f"meta.py: torch.compile failed, the meta-step runs {path}, eager: "
+                      f"{str(error).splitlines()[0]}", file=sys.stderr)
+        if path == "batched":
+            return self.batch_meta_loss(x_spt, y_spt, x_qry, y_qry)
         losses, accs = zip(*(self.batch_meta_loss(*task) for task in one_by_one(x_spt, y_spt, x_qry, y_qry)))
         return torch.stack(losses).mean(), torch.stack(accs).mean(dim=0)
 
@@ -269,6 +279,8 @@ class MetaLearner(nn.Module):
         one call of task_meta_gradient. The meta-gradient (1/T) Σᵢ ∇θ L_query,i is summed here and
         reaches θ's .grad when the loss is backpropagated (PrecomputedGradient), as the eager paths' does.
         """
+        if self.first_order:
+            raise ValueError("batching 'compiled' is second-order MAML only")
         theta = list(self.net.parameters())
         params = [p.detach() for p in theta]
         gradients, losses, accs = None, [], []
@@ -280,6 +292,18 @@ class MetaLearner(nn.Module):
         tasks = x_spt.shape[0]
         loss = PrecomputedGradient.apply(torch.stack(losses).mean(), [g / tasks for g in gradients], *theta)
         return loss, torch.stack(accs).mean(dim=0)
+
+    def compile_meta_step(self, n_way, k_spt, k_qry):
+        """With batching "compiled": build the compiled function now, for tasks of N-way K-shot with Q query
+        drawings per class, so that training starts with it built. It runs once on a task of blank images
+        (no random number is drawn; θ, its .grad and Adam are untouched). Returns the seconds it took; if
+        torch.compile failed, `path` now names the eager path that runs instead."""
+        started = time.monotonic()
+        device = self.theta()[0].device
+        images = [torch.zeros(1, n_way * k, 1, 28, 28, device=device) for k in (k_spt, k_qry)]
+        labels = [torch.arange(n_way, device=device).repeat(k)[None] for k in (k_spt, k_qry)]
+        self.meta_loss(images[0], labels[0], images[1], labels[1])
+        return time.monotonic() - started
 
     def step_tensors(self, x_spt, y_spt, x_qry, y_qry):
         """One meta-step, computed on the device without reading any number: what forward runs, and what
@@ -375,11 +399,14 @@ class MetaLearner(nn.Module):
         without a graph, since nothing differentiates through them. Returns a numpy array of
         update_step_test + 1 accuracies averaged over the tasks, or [T, update_step_test + 1] with
         per_task=True; index 0 is the accuracy before any inner step (chance, 1/N, before training).
-        The tasks run all at once or one by one, as `path` says ("compiled": one by one, eager).
+        The tasks run all at once or one by one, as `path` says (with "compiled", as its rule says).
         """
         if x_spt.dim() == 4:
             x_spt, y_spt, x_qry, y_qry = x_spt[None], y_spt[None], x_qry[None], y_qry[None]
-        if self.path(x_spt.device, x_spt.shape[1] + x_qry.shape[1]) == "batched":
+        path = self.path(x_spt.device, x_spt.shape[1] + x_qry.shape[1])
+        if path == "compiled":  # the compiled function is the meta-step's: finetunning goes by the rule
+            path = path_by_size(x_spt.device, x_spt.shape[1] + x_qry.shape[1])
+        if path == "batched":
             accs = self.batch_finetunning(x_spt, y_spt, x_qry, y_qry)
         else:
             accs = torch.cat([self.batch_finetunning(*task) for task in one_by_one(x_spt, y_spt, x_qry, y_qry)])

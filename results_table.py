@@ -1,4 +1,5 @@
-"""Write the README's results table from results/*/summary.json, publish finished runs into results/, and
+"""Write the README's results table from results/*/summary.json (and the table of the published weights'
+evaluations from results/*/evaluations/*/evaluation.json), publish finished runs into results/, and
 compare a run with a published one.
 
     python results_table.py                    # rewrite the table between the markers in README.md
@@ -102,6 +103,11 @@ FINISHED_KEYS = {"test.accs": NUMBERS, "test.ci95": NUMBERS, "test.tasks": NUMBE
 IN_PROGRESS_KEYS = {"last_validation": OPTIONAL_OBJECT}
 VALIDATION_KEYS = {"last_validation.iteration": NUMBER, "last_validation.accs": NUMBERS,
                    "last_validation.ci95": NUMBERS}
+EVALUATION_KEYS = {"accs": NUMBERS, "ci95": NUMBERS, "tasks": NUMBER, "split": TEXT, "config.n_way": NUMBER,
+                   "config.k_spt": NUMBER, "config.k_qry": NUMBER, "config.update_step_test": NUMBER,
+                   "config.seed": NUMBER}
+# What an evaluation may change from the run's own test (maml_omniglot.py --evaluate), in words.
+PROTOCOL_KEYS = (("k_spt", "K ="), ("k_qry", "Q ="), ("update_step_test", "inner steps"), ("seed", "seed"))
 SEGMENT_KEYS = {"device": OBJECT, "device.type": TEXT, "device.name": TEXT, "git.commit": OPTIONAL_TEXT}
 
 
@@ -242,6 +248,59 @@ def table(runs=None):
     return "\n".join(lines)
 
 
+def load_evaluations(runs):
+    """[(run name, evaluation name, evaluation)] for every results/RUN/evaluations/NAME/evaluation.json of a
+    run in runs, sorted, each checked to hold what evaluations_table reads; BadInput if not."""
+    found = []
+    for path in sorted((ROOT / "results").glob("*/evaluations/*/evaluation.json")):
+        run, name = path.parents[2].name, path.parent.name
+        if run in runs:
+            try:
+                evaluation = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as error:
+                raise BadInput(f"cannot read {shown(path)}: {why(error)}") from None
+            require(evaluation, EVALUATION_KEYS, path)
+            found.append((run, name, evaluation))
+    return found
+
+
+def tasks_in_words(cfg, tasks, split):
+    """The tasks of a test in words: 20-way 5-shot, 1 query drawing per class, 5 inner steps, 600 test tasks."""
+    return (f"{cfg['n_way']}-way {cfg['k_spt']}-shot, {cfg['k_qry']} query drawing{'s' * (cfg['k_qry'] != 1)} per "
+            f"class, {cfg['update_step_test']} inner steps, {tasks:,} {split} tasks")
+
+
+def evaluations_table(runs, evaluations):
+    """The markdown table of the published models' evaluations by --evaluate (load_evaluations), or "" when
+    there are none. Each row says what its test tasks were and what differs from the run's own test, and
+    gives the paper's number only where the paper trained a model on such tasks, saying so."""
+    if not evaluations:
+        return ""
+    lines = ["Evaluations of the published weights (`python maml_omniglot.py --evaluate results/RUN/model.pt ...`"
+             ", into results/RUN/evaluations/NAME/evaluation.json): each row is its own protocol.", "",
+             "| run | evaluation | tasks | differs from the run's own test | ours | MAML paper |",
+             "|---|---|---|---|---|---|"]
+    for run, name, evaluation in evaluations:
+        trained, cfg = runs[run]["config"], evaluation["config"]
+        differs = [f"{what} {cfg[key]} (the run: {trained[key]})" for key, what in PROTOCOL_KEYS
+                   if cfg[key] != trained[key]]
+        if evaluation["split"] != "test":
+            differs.append(f"the {evaluation['split']} classes")
+        ours = f"{100 * evaluation['accs'][-1]:.1f} ± {100 * evaluation['ci95'][-1]:.1f} %"
+        setting = f"{cfg['n_way']}w{cfg['k_spt']}s"
+        trained_so = setting in PAPER and evaluation["split"] == "test"
+        paper = f"{PAPER[setting]} (a model trained {setting})" if trained_so else ""
+        lines.append(f"| {run} | {name} | {tasks_in_words(cfg, evaluation['tasks'], evaluation['split'])} | "
+                     f"{'; '.join(differs) or 'nothing'} | {ours} | {paper} |")
+    return "\n".join(lines)
+
+
+def readme_tables(runs):
+    """What goes between README.md's markers: the results table, then the evaluations table if there are any."""
+    evaluations = evaluations_table(runs, load_evaluations(runs))
+    return table(runs) + (f"\n\n{evaluations}" if evaluations else "")
+
+
 def read_readme():
     """README.md's text, checked to hold the table's markers; BadInput if it cannot be read or has none."""
     path = ROOT / "README.md"
@@ -329,7 +388,7 @@ def publish(run_dir, name=None, without_weights=False):
     readme = read_readme()
     runs = load_runs()
     runs[name] = summary
-    text = with_table(readme, table(runs)).encode()
+    text = with_table(readme, readme_tables(runs)).encode()
     tmp, old = results / f".{name}.{os.getpid()}.tmp", results / f".{name}.{os.getpid()}.old.tmp"
     try:
         tmp.mkdir(parents=True)
@@ -481,7 +540,7 @@ def main(argv=None):
                 print(f"note: results/{dest.name} has finished: git rm -r in-progress/{dest.name} (its checkpoint)")
             return
         readme, runs = read_readme(), load_runs()
-        updated = with_table(readme, table(runs))
+        updated = with_table(readme, readme_tables(runs))
         if args.check:
             if updated != readme:
                 print("error: README.md's results table is out of date: run python results_table.py", file=sys.stderr)

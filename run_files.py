@@ -521,6 +521,19 @@ def device_description(device):
     return platform.processor() or platform.machine()
 
 
+def computation(cfg, meta_learner, cuda_graph):
+    """How this process computes, as its segment records it: the tasks batched or one by one in the
+    meta-step and finetunning, or the meta-step compiled (MetaLearner.path), and whether the meta-step is
+    one CUDA graph (on CUDA, unless --no-cuda-graph, and not under torchrun, whose all-reduce runs between
+    the backward pass and the Adam step). The training loop reads cuda_graph from here: it does what is
+    recorded."""
+    device = torch.device(cfg["device"])
+    images_per_task = cfg["n_way"] * (cfg["k_spt"] + cfg["k_qry"])
+    joined = dist.is_available() and dist.is_initialized()
+    return {"tasks": meta_learner.path(device, images_per_task),
+            "cuda_graph": cuda_graph and device.type == "cuda" and not joined}
+
+
 def new_segment(iteration, cfg, command, computation):
     """The record of one process that runs part of the run, from `iteration` on: what ran, where, when.
 
@@ -528,9 +541,10 @@ def new_segment(iteration, cfg, command, computation):
     was not produced by one command at one commit; its summary.json lists every segment, so that nothing is
     hidden. Under torchrun, device is rank 0's, and processes and backend say how many shared the work and how
     they talked (distributed.py); without it they are 1 and null. computation says how the process computes
-    (maml_omniglot.py's computation(): the tasks batched or one by one, the meta-step as a CUDA graph or
-    not). On CUDA the device also records the cuDNN version and whether convolutions (cuDNN) and matrix
-    products may round their inputs to TF32, which changes the numbers.
+    (computation() above: the tasks batched, one by one or compiled, the meta-step as a CUDA graph or not);
+    a segment that compiled its meta-step (--compile) adds compile_s, the seconds that took. On CUDA the
+    device also records the cuDNN version and whether convolutions (cuDNN) and matrix products may round
+    their inputs to TF32, which changes the numbers.
     """
     joined = dist.is_available() and dist.is_initialized()
     device = {"type": torch.device(cfg["device"]).type, "name": device_description(cfg["device"]),

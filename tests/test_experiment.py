@@ -88,6 +88,7 @@ BAD_ARGUMENTS = [
     (["--test-tasks", "-1"], "--test-tasks must be at least 1, got -1"),
     (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1, got 0"),
     (["--n-way", "five"], "argument --n-way: invalid int value: 'five'"),
+    (["--compile", "--first-order"], "--compile is for second-order MAML on the CPU"),
 ]
 
 
@@ -175,6 +176,26 @@ def test_a_run_writes_log_summary_and_plot(finished_run, learnable_omniglot_npy)
     assert (finished_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (finished_run / "checkpoint.pt").exists()
     assert not [p for p in os.listdir(finished_run) if p.endswith(".tmp")]
+
+
+def test_compile_trains_through_the_compiled_meta_step_and_records_it(learnable_omniglot_npy, tmp_path, capsys):
+    """--compile: the segment says "compiled" and how long compiling took, and the first meta-step (from the
+    same θ, on the same tasks) has the eager run's loss and accuracies to float32 rounding. Later rows drift
+    apart by more: Adam's first steps are about sign(gradient) * lr, so a rounding difference in a
+    near-zero component becomes a step of lr (as between the eager batched and per-task paths)."""
+    first_rows = []
+    for name, extra in (("eager", ()), ("compiled", ("--compile",))):
+        out = tmp_path / name
+        assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, out, "--iterations", "1", *extra)) == 0
+        [segment] = json.loads((out / "summary.json").read_text())["segments"]
+        first_rows.append([r for r in log_rows(out) if r["split"] == "train"][0])
+    assert "compiling the meta-step (torch.compile" in capsys.readouterr().err
+    assert segment["computation"]["tasks"] == "compiled" and segment["compile_s"] > 0
+    eager, compiled = first_rows
+    assert eager["iteration"] == compiled["iteration"] == "1"
+    assert float(compiled["loss"]) == pytest.approx(float(eager["loss"]), rel=1e-5)
+    assert compiled["acc_step0"] == eager["acc_step0"]
+    assert float(compiled["acc_step1"]) == pytest.approx(float(eager["acc_step1"]), abs=0.1 + 1e-6)  # 1 of 10
 
 
 def test_same_seed_same_log_other_seed_other_log(finished_run, learnable_omniglot_npy, tmp_path):

@@ -358,13 +358,21 @@ def test_unadapted_accuracy_at_initialisation_is_chance(real_omniglot_npy):
     assert abs(accs[:, 0].mean() - 0.2) < 0.03  # 400 tasks x 25 queries: standard error 0.004
 
 
-@pytest.mark.skipif(os.environ.get("MAML_COMPILE_TESTS") != "1", reason="compiling takes 250 to 800 s here with "
-                    "a cold inductor cache: MAML_COMPILE_TESTS=1 runs it (batching 'compiled' is opt-in, issue #29)")
-def test_the_compiled_path_computes_the_eager_paths_function():
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_the_compiled_path_computes_the_eager_paths_function(one_thread):
     """batching "compiled" (each task's meta-gradient from one compiled torch.func function) against the eager
     per-task path: the same loss, accuracies and θ.grad to float32 rounding, and a meta-gradient as close to a
-    float64 eager computation's as the eager path's own, which only second order gives. Small shapes, so that
-    the compilation (once per process and shape) stays short."""
+    float64 eager computation's as the eager path's own, which only second order gives. One inner step, so
+    that the compilation (once per process, thread count and shape; about 80 s with a cold cache) stays short,
+    and the 5w1s setting's values on one thread, as test_experiment's --compile run, which then finds this
+    compilation in the inductor cache (or this test finds that one)."""
     compiled, eager = learner_and_copies(1, batching="compiled", update_step=1)
     eager.batching = "per task"
     exact = copy.deepcopy(eager).double()

@@ -499,3 +499,56 @@ def test_compare_refuses_bad_input_in_one_line_with_exit_2_writing_nothing(case,
     assert (code, out, err.count("\n")) == (2, "", 1)
     assert err.startswith("error: ") and message.format(run=run_dir) in err
     assert snapshot(root) == before
+
+
+def write_evaluation(root, run, name, acc, split="test", **changes):
+    """results/RUN/evaluations/NAME/evaluation.json as --evaluate writes it: the run's config with changes."""
+    cfg = dict(json.loads((root / "results" / run / "summary.json").read_text())["config"], **changes)
+    folder = root / "results" / run / "evaluations" / name
+    folder.mkdir(parents=True)
+    evaluation = {"accs": [0.2] * cfg["update_step_test"] + [acc], "ci95": [0.01] * cfg["update_step_test"] + [0.002],
+                  "tasks": cfg["test_tasks"], "split": split, "model": f"results/{run}/model.pt", "config": cfg}
+    (folder / "evaluation.json").write_text(json.dumps(evaluation))
+
+
+def test_the_evaluations_of_published_weights_get_a_table_saying_what_each_changed(root, capsys):
+    write_run(root / "results" / "5w1s-seed1", summary(seed=1))
+    write_run(root / "results" / "20w1s", summary("20w1s", n_way=20, task_num=16, update_step=5, update_step_test=5))
+    write_evaluation(root, "5w1s-seed1", "5-shot", 0.995, k_spt=5)
+    write_evaluation(root, "5w1s-seed1", "10-steps", 0.991, update_step_test=10)
+    write_evaluation(root, "20w1s", "5-shot", 0.981, k_spt=5)
+    write_evaluation(root, "20w1s", "val-15-queries", 0.95, split="val", k_qry=15, test_tasks=320)
+    results_table.main([])
+    readme = (root / "README.md").read_text()
+    table = readme.split(results_table.BEGIN)[1].split(results_table.END)[0]
+    lines = [line for line in table.splitlines() if line.startswith(("| 5w1s-seed1 | ", "| 20w1s | "))]
+    evaluations = lines[-4:]  # after the results table's own rows of these runs
+    assert evaluations == [
+        "| 20w1s | 5-shot | 20-way 5-shot, 1 query drawing per class, 5 inner steps, 600 test tasks | K = 5 "
+        "(the run: 1) | 98.1 ± 0.2 % | 98.9 ± 0.2 % (a model trained 20w5s) |",
+        "| 20w1s | val-15-queries | 20-way 1-shot, 15 query drawings per class, 5 inner steps, 320 val tasks | Q = 15 "
+        "(the run: 1); the val classes | 95.0 ± 0.2 % |  |",
+        "| 5w1s-seed1 | 10-steps | 5-way 1-shot, 1 query drawing per class, 10 inner steps, 600 test tasks | inner "
+        "steps 10 (the run: 3) | 99.1 ± 0.2 % | 98.7 ± 0.4 % (a model trained 5w1s) |",
+        "| 5w1s-seed1 | 5-shot | 5-way 5-shot, 1 query drawing per class, 3 inner steps, 600 test tasks | K = 5 (the "
+        "run: 1) | 99.5 ± 0.2 % | 99.9 ± 0.1 % (a model trained 5w5s) |"]
+    results_table.main(["--check"])
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_without_evaluations_there_is_no_evaluations_table(root):
+    write_run(root / "results" / "5w1s", summary())
+    results_table.main([])
+    assert "Evaluations of the published weights" not in (root / "README.md").read_text()
+
+
+def test_a_malformed_evaluation_is_one_line_naming_the_file_and_exit_2(root, capsys):
+    write_run(root / "results" / "5w1s", summary())
+    write_evaluation(root, "5w1s", "5-shot", 0.99, k_spt=5)
+    path = root / "results" / "5w1s" / "evaluations" / "5-shot" / "evaluation.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "accs"}))
+    with pytest.raises(SystemExit) as exit:
+        results_table.main([])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1
+    assert 'results/5w1s/evaluations/5-shot/evaluation.json lacks "accs"' in err
