@@ -401,3 +401,17 @@ def test_benchmark_loads_neither_the_experiment_nor_matplotlib():
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_without_a_cpp_compiler_the_compiled_path_says_so_in_one_line_and_runs_eager(one_thread, capsys):
+    """torch.compile failing (here: no C++ compiler, and no cache to fall back on) leaves batching "compiled"
+    on the eager path that the size rule picks, said in one line, computing exactly what that path does."""
+    compiled, eager = learner_and_copies(1, batching="compiled", update_step=1)
+    eager.batching = "auto"
+    with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/g++",), "force_disable_caches": True}):
+        compiled.compile_meta_step(5, 1, 1)
+    err = capsys.readouterr().err
+    assert err.startswith("meta.py: torch.compile failed, the meta-step runs batched, eager: InvalidCxxCompiler")
+    assert not compiled.compiler_works and compiled.path(torch.device("cpu"), 10) == "batched"
+    tasks = random_tasks(3, 5, 1, 1, torch.Generator().manual_seed(51))
+    assert compiled(*tasks)[0] == eager(*tasks)[0] and all_equal(tensors_of(compiled), tensors_of(eager))
