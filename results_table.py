@@ -267,7 +267,8 @@ def load_evaluations(runs):
 def tasks_in_words(cfg, tasks, split):
     """The tasks of a test in words: 20-way 5-shot, 1 query drawing per class, 5 inner steps, 600 test tasks."""
     return (f"{cfg['n_way']}-way {cfg['k_spt']}-shot, {cfg['k_qry']} query drawing{'s' * (cfg['k_qry'] != 1)} per "
-            f"class, {cfg['update_step_test']} inner steps, {tasks:,} {split} tasks")
+            f"class, {cfg['update_step_test']} inner step{'s' * (cfg['update_step_test'] != 1)}, {tasks:,} {split} "
+            f"tasks")
 
 
 def evaluations_table(runs, evaluations):
