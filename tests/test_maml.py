@@ -408,6 +408,7 @@ def test_without_a_cpp_compiler_the_compiled_path_says_so_in_one_line_and_runs_e
     on the eager path that the size rule picks, said in one line, computing exactly what that path does."""
     compiled, eager = learner_and_copies(1, batching="compiled", update_step=1)
     eager.batching = "auto"
+    torch._dynamo.reset()  # forget what earlier tests compiled in this process, which would be reused
     with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/g++",), "force_disable_caches": True}):
         compiled.compile_meta_step(5, 1, 1)
     err = capsys.readouterr().err
