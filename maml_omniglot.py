@@ -384,10 +384,10 @@ def main(argv=None):
         if args.evaluate:
             return evaluate_model(args, parser, command)
         cfg = resolve_config(args, parser)
-        checkpoint_path = os.path.join(cfg["out"], FILES["checkpoint"])
-        distributed.join(cfg["device"])
         if args.compile and (cfg["first_order"] or torch.device(cfg["device"]).type != "cpu"):
             parser.error("--compile is for second-order MAML on the CPU (on CUDA the meta-step is one CUDA graph)")
+        checkpoint_path = os.path.join(cfg["out"], FILES["checkpoint"])
+        distributed.join(cfg["device"])
         code = run(cfg, args.resume, command, cuda_graph=not args.no_cuda_graph, compiled=args.compile)
         distributed.leave()
         return code

@@ -47,7 +47,7 @@ import sys
 from pathlib import Path
 
 from curves import comparison_png, parse_log
-from run_files import FILES, NOT_LEARNED, Parser, RunFileError, atomic_write, read_log, read_model
+from run_files import EVALUATION_FILE, FILES, NOT_LEARNED, Parser, RunFileError, atomic_write, read_log, read_model
 
 ROOT = Path(__file__).resolve().parent  # the repository: README.md and results/ (tests point it elsewhere)
 BEGIN, END = "<!-- results table: begin (python results_table.py) -->", "<!-- results table: end -->"
@@ -252,7 +252,7 @@ def load_evaluations(runs):
     """[(run name, evaluation name, evaluation)] for every results/RUN/evaluations/NAME/evaluation.json of a
     run in runs, sorted, each checked to hold what evaluations_table reads; BadInput if not."""
     found = []
-    for path in sorted((ROOT / "results").glob("*/evaluations/*/evaluation.json")):
+    for path in sorted((ROOT / "results").glob(f"*/evaluations/*/{EVALUATION_FILE}")):
         run, name = path.parents[2].name, path.parent.name
         if run in runs:
             try:

@@ -92,6 +92,7 @@ from tqdm import tqdm
 
 FILES = {"log": "log.csv", "summary": "summary.json", "curves": "curves.png", "checkpoint": "checkpoint.pt",
          "model": "model.pt"}  # a run folder's files, by what they are
+EVALUATION_FILE = "evaluation.json"  # what --evaluate writes into its own --out folder
 CHECKPOINT_FORMAT = 4  # 4: θ as the MetaLearner's state_dict; 3: the network's ("net"); 2: no "run" entry
 CHECKPOINT_KEYS = ("format", "config", "run", "theta", "meta_optim", "rng", "sampler", "digest")
 CHECKPOINT_LAST_READERS = {1: "1e6d682", 2: "bf074d8"}  # formats too old to upgrade: the last commit that reads them
@@ -409,7 +410,7 @@ class EvaluationFolder(FolderLock):
                   "split": split, "model": model, "config": cfg,
                   **{key: segment[key] for key in ("command", "git", "device", "computation", "torch", "python",
                                                    "started_utc")}}
-        atomic_write(os.path.join(self.folder, "evaluation.json"), (json.dumps(report, indent=2) + "\n").encode())
+        atomic_write(os.path.join(self.folder, EVALUATION_FILE), (json.dumps(report, indent=2) + "\n").encode())
 
 
 # ----------------------------------------------------------------------------------------------------
