@@ -44,7 +44,8 @@ A run's folder (--out, runs/<setting>/ by default) holds:
   evaluation.json  {"accs", "ci95"}: the query accuracy after 0..update_step_test inner steps and its 95%
                  interval, over "tasks" tasks of "split"; "model" (the model.pt), "config" (the model's,
                  with the flags given), and the command, git, device, computation, torch, python and
-                 started_utc of the process that evaluated, as a segment of summary.json records them.
+                 started_utc of the process that evaluated, as a segment of summary.json records them, and
+                 its wall_time_s.
 
 The config that the files record ("config" in summary.json, checkpoint.pt, model.pt and evaluation.json)
 is defined here too, in the section "The config": the paper's four settings, the defaults of the other
@@ -386,6 +387,7 @@ class EvaluationFolder(FolderLock):
         super().__init__(folder or "")
 
     def __enter__(self):
+        self.started = time.monotonic()
         if not self.folder:
             return self
         self.created = writable_folder(self.folder)
@@ -403,13 +405,15 @@ class EvaluationFolder(FolderLock):
 
     def write_evaluation(self, accs, ci95, split, model, cfg, segment):
         """evaluation.json (see the top of this file), from the accuracies, their intervals and the
-        segment (new_segment) of the process that evaluated."""
+        segment (new_segment) of the process that evaluated; wall_time_s counts from entering the folder
+        (data loading included) to this write."""
         if not self.folder:
             return
         report = {"accs": [float(a) for a in accs], "ci95": [float(c) for c in ci95], "tasks": cfg["test_tasks"],
                   "split": split, "model": model, "config": cfg,
                   **{key: segment[key] for key in ("command", "git", "device", "computation", "torch", "python",
-                                                   "started_utc")}}
+                                                   "started_utc")},
+                  "wall_time_s": round(time.monotonic() - self.started, 3)}
         atomic_write(os.path.join(self.folder, EVALUATION_FILE), (json.dumps(report, indent=2) + "\n").encode())
 
 

@@ -639,6 +639,8 @@ def test_evaluate_repeats_the_runs_test_exactly(finished_run, learnable_omniglot
     summary = json.loads((finished_run / "summary.json").read_text())
     assert {key: report[key] for key in ("accs", "ci95", "tasks")} == summary["test"]
     assert report["split"] == "test" and report["config"]["seed"] == summary["seed"]
+    assert report["command"].startswith("python maml_omniglot.py --evaluate ") and len(report["git"]["commit"]) == 40
+    assert report["device"]["type"] == "cpu" and report["wall_time_s"] > 0
     printed = capsys.readouterr().out
     assert f"3 steps: {100 * summary['test']['accs'][3]:.2f} ± {100 * summary['test']['ci95'][3]:.2f} %" in printed
 
