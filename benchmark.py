@@ -1,4 +1,4 @@
-"""How fast is a meta-iteration? MetaLearner's two paths, its CUDA graph, and the plain per-task loop.
+"""How fast is a meta-iteration? MetaLearner's paths, its CUDA graph, and a minimal per-task loop.
 
     python benchmark.py                                  # 5w1s as the paper trains it, on the best device
     python benchmark.py --setting 20w1s --protocol public --device cpu
@@ -13,18 +13,22 @@ so the numbers measure computation only, not data loading. Protocols:
 
 Printed, as the median seconds per meta-iteration (the whole meta-step, Adam included) and the achieved
 GFLOP/s: MetaLearner.forward with the tasks batched and with the tasks one by one, the arrow marking the
-path that MetaLearner.path picks for this device and workload (the fast path); on the CPU also the
-tasks one by one through the compiled function (batching "compiled", which only asking for it runs),
-its compilation time on a line of its own, before the timings; on CUDA also the batched path replayed
-as one CUDA graph (cuda_graph.py), which is what maml_omniglot.py trains with there; the plain per-task
-loop (plain_maml.py) and the speed-ups over it of the fast path and of the compiled one; test tasks
-adapted per second by finetunning on the fast path. The paths take turns, one meta-iteration each, after
-one warm-up each, so that other work on the machine slows them all alike. Compiled kernels keep the
-thread count they were compiled with: for another count, run another process (OMP_NUM_THREADS=1).
+path that MetaLearner.path picks for this device and workload (the fast path: what `MetaLearner(...)`
+called on a batch runs, and training with it); on the CPU also the tasks one by one through the compiled
+function (batching "compiled", which only asking for it runs), its compilation time on a line of its
+own, before the timings; on CUDA also the batched path replayed as one CUDA graph (cuda_graph.py), which
+is what maml_omniglot.py trains with there; the minimal loop (plain_maml.meta_step with accuracies=False:
+plain autograd, second order, no per-step accuracies, Adam, the tasks one after another in one thread of
+control, with this process's intra-op threads) and the speed-ups over it of the fast path and of the
+compiled one; test tasks adapted per second by finetunning on the fast path. On the CPU every
+MetaLearner path shares the tasks among the task threads (meta.task_threads: one per intra-op thread,
+each with one intra-op thread), so OMP_NUM_THREADS=1 and =2 measure one core and two. The paths take
+turns, one meta-iteration each, after one warm-up each, so that other work on the machine slows them all
+alike.
 The FLOPs of a meta-iteration (convolutions and matrix products, forward and all backward passes, query
-accuracy after every inner step included, as every path computes it) are counted by
-torch.utils.flop_counter on the reference loop, because its formula for a grouped convolution's backward
-counts the work once per group. Peak memory: on CUDA each row's own;
+accuracy after every inner step included, as every MetaLearner path computes it) are counted by
+torch.utils.flop_counter on plain_maml.meta_step with its accuracies, because its formula for a grouped
+convolution's backward counts the work once per group. Peak memory: on CUDA each row's own;
 on the CPU the process's largest resident size, the same for every row.
 """
 
@@ -38,7 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import plain_maml
 from cuda_graph import GraphedMetaStep
 from distributed import resolve_device
-from meta import MetaLearner
+from meta import MetaLearner, task_threads
 from omniglot_nshot import random_tasks
 from run_files import COMMON, SETTINGS, Parser
 
@@ -90,7 +94,7 @@ def main(argv=None):
     parser.add_argument("--first-order", action="store_true")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument("--repeats", type=int, default=5, help="timed meta-iterations per path (default 5)")
-    parser.add_argument("--skip-reference", action="store_true", help="do not time the plain per-task loop")
+    parser.add_argument("--skip-reference", action="store_true", help="do not time the minimal per-task loop")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
@@ -121,19 +125,20 @@ def main(argv=None):
 
     graphed_step = GraphedMetaStep(meta_learner)
 
-    def reference_step():
+    def reference_step(accuracies=False):
         plain_maml.meta_step(meta_learner.theta(), meta_learner.meta_optim, *batch, k_spt=k_spt, update_lr=update_lr,
-                             update_step=update_step, first_order=args.first_order)
+                             update_step=update_step, first_order=args.first_order, accuracies=accuracies)
 
     def test_step():
         meta_learner.batching = "auto"
         meta_learner.finetunning(*batch)
 
-    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    threads = (f", {torch.get_num_threads()} threads (task threads: {task_threads(device)})"
+               if device.type == "cpu" else "")
     print(f"{args.setting}, {args.protocol} protocol: {tasks} tasks, {n_way}-way {k_spt}-shot, "
           f"{k_qry} query per class, {update_step} inner steps, "
           f"{'first' if args.first_order else 'second'} order, {device}{threads}, torch {torch.__version__}")
-    work = flops_of(reference_step)
+    work = flops_of(lambda: reference_step(accuracies=True))
     print(f"a meta-iteration is {work / 1e9:.1f} GFLOP; the fast path on {device.type} for tasks of "
           f"{images_per_task} images: {fast_path} (MetaLearner.path, for finetunning too)")
 
@@ -143,7 +148,7 @@ def main(argv=None):
     if device.type == "cuda":
         steps["meta-step, CUDA graph"] = graphed_step
     if not args.skip_reference:
-        steps["reference loop"] = reference_step
+        steps["minimal loop"] = reference_step
     for name, step in steps.items():
         warm_up = seconds_of(step, device)
         if name == "meta-step, compiled":
@@ -160,9 +165,9 @@ def main(argv=None):
         per_task = seconds["meta-step, per task"]
         print(f"speed-up of the compiled path over the per-task path: {per_task / compiled:.2f} x")
     if not args.skip_reference:
-        print(f"speed-up of the fast path over the loop: {seconds['reference loop'] / fast:.2f} x")
+        print(f"speed-up of the fast path over the minimal loop: {seconds['minimal loop'] / fast:.2f} x")
         if compiled:
-            print(f"speed-up of the compiled path over the loop: {seconds['reference loop'] / compiled:.2f} x")
+            print(f"speed-up of the compiled path over the minimal loop: {seconds['minimal loop'] / compiled:.2f} x")
     test_step()  # warm-up
     test_seconds = median_seconds({"finetunning": test_step}, device, args.repeats)[0]["finetunning"]
     print(f"finetunning {tasks / test_seconds:8.1f} test tasks/s with {setting['update_step_test']} steps "

@@ -46,6 +46,14 @@ same function as the eager paths, to float32 rounding (tests/test_maml.py); the 
 already has it. Finetunning stays eager, by the size rule. Without a C++ compiler the eager path of the
 size rule runs instead, with one line saying so.
 
+Whichever the path, on the CPU the tasks are shared among threads (task_threads): with P intra-op threads
+(torch.get_num_threads(), OMP_NUM_THREADS), P worker threads each take a share of the tasks, with one
+intra-op thread of their own, and compute its loss, accuracies and meta-gradient; the shares' weighted sums
+are the batch's. The threads meet once per batch, as processes under torchrun do (distributed.py), where
+threads inside every operation meet at each of its thousands of small operations. Validation and test
+(finetunning) share their tasks the same way. The numbers are the one-thread numbers, up to the order of
+the sums over the shares (tests/test_maml.py).
+
 One meta-step without waiting for the device. `step_tensors` is the whole meta-step (zero the
 gradients, meta-loss, backward, finiteness check, Adam step) on tensors alone: no number is read on the
 host and no branch depends on one, so that cuda_graph.py can capture it as one CUDA graph and replay
@@ -67,6 +75,7 @@ One 5w1s meta-iteration (T = 32, N = 5, K = Q = 1, one inner step), from the sam
 import functools
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn as nn
@@ -95,6 +104,26 @@ def one_by_one(*batch):
     return zip(*(tensor.split(1) for tensor in batch))
 
 
+def task_threads(device):
+    """How many threads share the tasks of a batch: on the CPU one per intra-op thread of the caller
+    (torch.get_num_threads(), OMP_NUM_THREADS), each computing its share of the tasks with one intra-op
+    thread of its own; on CUDA one, the caller (one stream of kernels)."""
+    return torch.get_num_threads() if device.type == "cpu" else 1
+
+
+@functools.cache
+def thread_pool(threads):
+    """`threads` worker threads, each with one intra-op thread (set per thread: the caller keeps its own)."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="maml-tasks", initializer=torch.set_num_threads,
+                              initargs=(1,))
+
+
+def shares(batch, threads):
+    """The tasks of a batch (tensors [T, ...]) as `threads` consecutive shares, the first T mod threads of them
+    one task larger: tuples of views [Tᵢ, ...]. Shares with no task are left out."""
+    return [share for share in zip(*(tensor.tensor_split(threads) for tensor in batch)) if len(share[0])]
+
+
 def all_finite(tensors):
     """Whether every number in `tensors` is finite, as a bool tensor on their device (nothing is read)."""
     return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
@@ -102,8 +131,9 @@ def all_finite(tensors):
 
 class PrecomputedGradient(torch.autograd.Function):
     """A loss whose gradient is already known: apply(loss, gradients, *inputs) is `loss`, and its backward
-    hands grad_output * gradients[i] to inputs[i]. The compiled path (MetaLearner.compiled_meta_loss)
-    computes θ's meta-gradient with the loss; this makes its loss backpropagate as the eager paths' does."""
+    hands grad_output * gradients[i] to inputs[i] (nothing where gradients[i] is None). The compiled path
+    (MetaLearner.compiled_meta_loss) computes θ's meta-gradient with the loss, and so do the task threads
+    (MetaLearner.meta_loss); this makes their loss backpropagate as one graph's does."""
 
     @staticmethod
     def forward(ctx, loss, gradients, *inputs):
@@ -112,7 +142,7 @@ class PrecomputedGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        return None, None, *(grad_output * g for g in ctx.gradients)
+        return None, None, *(None if g is None else grad_output * g for g in ctx.gradients)
 
 
 @functools.cache
@@ -209,10 +239,37 @@ class MetaLearner(nn.Module):
         x_spt [T, N*K, 1, 28, 28], y_spt [T, N*K], x_qry [T, N*Q, 1, 28, 28], y_qry [T, N*Q].
         Returns (loss, accs), both on the tasks' device: loss is the differentiable mean query
         cross-entropy after `update_step` steps, averaged over tasks; accs a tensor of update_step + 1
-        accuracies. The tasks run all at once or one by one, as `path` says; one by one, the loss and
-        the accuracies are the means over the tasks of each task's, the same numbers since every task
-        has N*Q query examples.
+        accuracies. The loss and the accuracies are means over the tasks of each task's, the same numbers
+        however the tasks are grouped, since every task has N*Q query examples.
+
+        With several task threads (task_threads: on the CPU, one per intra-op thread), each thread computes
+        its share of the tasks (share_meta_loss) and the gradient of that share's loss with respect to θ, and
+        the loss returned carries their weighted sum as its gradient (PrecomputedGradient): backpropagating
+        it gives θ's .grad the meta-gradient, (1/T) Σ_shares Tₛ ∇θ Lₛ, as one backward of one graph would.
+        The threads meet once per batch, not at every operation, as processes under torchrun do.
         """
+        batch = (x_spt, y_spt, x_qry, y_qry)
+        threads = task_threads(x_spt.device)
+        if threads == 1:
+            return self.share_meta_loss(*batch)
+        theta = self.theta()
+
+        def share_gradient(share):
+            loss, accs = self.share_meta_loss(*share)
+            return torch.autograd.grad(loss, theta, allow_unused=True), loss.detach(), accs
+
+        parts = shares(batch, threads)
+        weights = [len(share[0]) / len(x_spt) for share in parts]  # Tₛ / T
+        results = list(thread_pool(threads).map(share_gradient, parts))
+        gradients = [None if any(g is None for g in share_grads) else sum(w * g for w, g in zip(weights, share_grads))
+                     for share_grads in zip(*(grads for grads, _, _ in results))]
+        loss = sum(w * loss for w, (_, loss, _) in zip(weights, results))
+        accs = sum(w * accs for w, (_, _, accs) in zip(weights, results))
+        return PrecomputedGradient.apply(loss, gradients, *theta), accs
+
+    def share_meta_loss(self, x_spt, y_spt, x_qry, y_qry):
+        """meta_loss of the tasks given, in the calling thread: all at once, one by one or compiled, as `path`
+        says. One by one, the loss and the accuracies are the means over the tasks of each task's."""
         path = self.path(x_spt.device, x_spt.shape[1] + x_qry.shape[1])
         if path == "compiled":
             try:
@@ -399,19 +456,30 @@ class MetaLearner(nn.Module):
         without a graph, since nothing differentiates through them. Returns a numpy array of
         update_step_test + 1 accuracies averaged over the tasks, or [T, update_step_test + 1] with
         per_task=True; index 0 is the accuracy before any inner step (chance, 1/N, before training).
-        The tasks run all at once or one by one, as `path` says (with "compiled", as its rule says).
+        The tasks run all at once or one by one, as `path` says (with "compiled", as its rule says), shared
+        among the task threads as in meta_loss.
         """
         if x_spt.dim() == 4:
             x_spt, y_spt, x_qry, y_qry = x_spt[None], y_spt[None], x_qry[None], y_qry[None]
+        batch = (x_spt, y_spt, x_qry, y_qry)
+        threads = task_threads(x_spt.device)
+        if threads == 1:
+            accs = self.share_finetunning(*batch)
+        else:
+            accs = torch.cat(list(thread_pool(threads).map(lambda share: self.share_finetunning(*share),
+                                                           shares(batch, threads))))
+        accs = accs.cpu().numpy()  # [T, update_step_test + 1]
+        return accs if per_task else accs.mean(axis=0)
+
+    def share_finetunning(self, x_spt, y_spt, x_qry, y_qry):
+        """finetunning's accuracies of the tasks given, in the calling thread, all at once or one by one as
+        `path` says: [T, update_step_test + 1], on the device."""
         path = self.path(x_spt.device, x_spt.shape[1] + x_qry.shape[1])
         if path == "compiled":  # the compiled function is the meta-step's: finetunning goes by the rule
             path = path_by_size(x_spt.device, x_spt.shape[1] + x_qry.shape[1])
         if path == "batched":
-            accs = self.batch_finetunning(x_spt, y_spt, x_qry, y_qry)
-        else:
-            accs = torch.cat([self.batch_finetunning(*task) for task in one_by_one(x_spt, y_spt, x_qry, y_qry)])
-        accs = accs.cpu().numpy()  # [T, update_step_test + 1]
-        return accs if per_task else accs.mean(axis=0)
+            return self.batch_finetunning(x_spt, y_spt, x_qry, y_qry)
+        return torch.cat([self.batch_finetunning(*task) for task in one_by_one(x_spt, y_spt, x_qry, y_qry)])
 
     def batch_finetunning(self, x_spt, y_spt, x_qry, y_qry):
         """finetunning's accuracies with all the tasks at once: [T, update_step_test + 1], on the device."""

@@ -7,6 +7,7 @@ import copy
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from learner import BaseNet
-from meta import MetaLearner, NonFiniteError
+from meta import MetaLearner, NonFiniteError, shares, task_threads
 import plain_maml
 from omniglot_nshot import random_tasks
 
@@ -208,9 +209,10 @@ def test_a_non_finite_meta_gradient_is_never_stepped_into():
 @pytest.mark.parametrize("n_way, k_spt, k_qry, on_the_cpu", [(5, 1, 1, "batched"), (5, 2, 2, "batched"),
                                                              (5, 3, 3, "per task"), (20, 1, 1, "per task"),
                                                              (5, 1, 15, "per task")])
-def test_the_cpu_runs_tasks_of_more_than_20_images_one_by_one(n_way, k_spt, k_qry, on_the_cpu, monkeypatch):
+def test_the_cpu_runs_tasks_of_more_than_20_images_one_by_one(n_way, k_spt, k_qry, on_the_cpu, monkeypatch,
+                                                              one_thread):
     """The rule (MetaLearner.path), and that meta_loss and finetunning follow it: per task, their batched
-    code runs once per task, on batches of one."""
+    code runs once per task, on batches of one (with one thread, so that one task thread has every task)."""
     meta_learner = MetaLearner(n_way=n_way, k_spt=k_spt, update_lr=0.4, meta_lr=1e-3, update_step=1,
                                update_step_test=1)
     images = n_way * (k_spt + k_qry)
@@ -249,6 +251,56 @@ def test_finetunning_per_task_equals_batched():
 def test_batching_is_auto_batched_or_per_task():
     with pytest.raises(ValueError, match="batching must be one of"):
         MetaLearner(n_way=5, k_spt=1, update_lr=0.4, meta_lr=1e-3, update_step=1, update_step_test=1, batching="x")
+
+
+def test_shares_are_consecutive_and_as_even_as_possible():
+    tasks = torch.arange(5)
+    assert [share[0].tolist() for share in shares((tasks, -tasks), 2)] == [[0, 1, 2], [3, 4]]
+    assert [share[1].tolist() for share in shares((tasks, -tasks), 2)] == [[0, -1, -2], [-3, -4]]
+    assert [share[0].tolist() for share in shares((tasks[:1],), 2)] == [[0]]  # no empty share
+    assert task_threads(torch.device("cuda")) == 1  # a device name needs no GPU
+
+
+class ThreadRecordingNet(BaseNet):
+    """BaseNet that notes, at every forward, the thread running it and that thread's intra-op thread count."""
+    calls = []
+
+    def forward(self, x, params=None):
+        ThreadRecordingNet.calls.append((threading.get_ident(), torch.get_num_threads()))
+        return super().forward(x, params)
+
+
+@pytest.mark.parametrize("batching", ["batched", "per task"])
+def test_two_task_threads_compute_the_one_thread_meta_step_and_finetunning(batching):
+    """With two intra-op threads, the tasks of a batch (here 3: shares of 2 and 1) run on two worker threads
+    of one intra-op thread each, the caller keeping its two, and compute the one-thread numbers: in float64
+    the same meta-loss, accuracies, θ.grad after backward, and finetunning accuracies, to 1e-12."""
+    threads = torch.get_num_threads()
+    torch.manual_seed(52)
+    meta_learner = MetaLearner(n_way=5, k_spt=1, update_lr=0.4, meta_lr=1e-3, update_step=2, update_step_test=2,
+                               batching=batching, network=ThreadRecordingNet).double()
+    tasks = random_tasks(3, 5, 1, 2, torch.Generator().manual_seed(53), dtype=torch.float64)
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            ThreadRecordingNet.calls = []
+            meta_learner.zero_grad(set_to_none=True)
+            loss, accs = meta_learner.meta_loss(*tasks)
+            loss.backward()
+            results.append((loss.detach(), accs, [p.grad for p in meta_learner.theta()],
+                            torch.as_tensor(meta_learner.finetunning(*tasks, per_task=True))))
+            assert torch.get_num_threads() == count  # the caller's own count, whatever the workers have
+        workers = dict(ThreadRecordingNet.calls)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(workers) == 2 and threading.get_ident() not in workers and set(workers.values()) == {1}
+    (loss, accs, grads, tested), (threaded_loss, threaded_accs, threaded_grads, threaded_tested) = results
+    torch.testing.assert_close(threaded_loss, loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(threaded_accs, accs, rtol=0, atol=1e-7)  # accuracies are float32
+    torch.testing.assert_close(threaded_tested, tested, rtol=0, atol=0)
+    for name, grad, threaded in zip(meta_learner.net.param_names, grads, threaded_grads):
+        assert torch.linalg.norm(threaded - grad) <= 1e-12 * torch.linalg.norm(grad), name
 
 
 def learner_and_copies(copies, **kwargs):
@@ -391,6 +443,30 @@ def test_the_compiled_path_computes_the_eager_paths_function(one_thread):
         error, eager_error = (torch.linalg.norm(g - exact_grad) / torch.linalg.norm(exact_grad)
                               for g in (grad, eager_grad))
         assert error <= max(2 * eager_error, 1e-6), (name, error.item(), eager_error.item())
+
+
+def test_the_compiled_path_runs_in_task_threads():
+    """batching "compiled" with two intra-op threads: the shares of the tasks go through the compiled function
+    on two worker threads, each compiling and running it with one intra-op thread (the compilation of the
+    test above, found in the cache), and give the one-thread numbers to float32 rounding."""
+    threads = torch.get_num_threads()
+    learners = learner_and_copies(1, batching="compiled", update_step=1)
+    tasks = random_tasks(3, 5, 1, 1, torch.Generator().manual_seed(54))
+    results = []
+    try:
+        for count, meta_learner in zip((1, 2), learners):
+            torch.set_num_threads(count)
+            loss, accs = meta_learner.meta_loss(*tasks)
+            loss.backward()
+            results.append((loss.detach(), accs, [p.grad for p in meta_learner.theta()]))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(meta_learner.compiler_works for meta_learner in learners)
+    (loss, accs, grads), (threaded_loss, threaded_accs, threaded_grads) = results
+    torch.testing.assert_close(threaded_loss, loss, rtol=1e-6, atol=0)
+    assert torch.equal(threaded_accs, accs)
+    for name, grad, threaded in zip(learners[0].net.param_names, grads, threaded_grads):
+        assert torch.linalg.norm(threaded - grad) <= 1e-5 * torch.linalg.norm(grad), name
 
 
 def test_benchmark_loads_neither_the_experiment_nor_matplotlib():
