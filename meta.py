@@ -46,13 +46,14 @@ same function as the eager paths, to float32 rounding (tests/test_maml.py); the 
 already has it. Finetunning stays eager, by the size rule. Without a C++ compiler the eager path of the
 size rule runs instead, with one line saying so.
 
-Whichever the path, on the CPU the tasks are shared among threads (task_threads): with P intra-op threads
+Batched or one by one, on the CPU the tasks are shared among threads (task_threads): with P intra-op threads
 (torch.get_num_threads(), OMP_NUM_THREADS), P worker threads each take a share of the tasks, with one
 intra-op thread of their own, and compute its loss, accuracies and meta-gradient; the shares' weighted sums
 are the batch's. The threads meet once per batch, as processes under torchrun do (distributed.py), where
 threads inside every operation meet at each of its thousands of small operations. Validation and test
 (finetunning) share their tasks the same way. The numbers are the one-thread numbers, up to the order of
-the sums over the shares (tests/test_maml.py).
+the sums over the shares (tests/test_maml.py). The compiled path runs in the caller's thread: inductor's
+kernels hold Python's GIL, so two threads of them would take turns.
 
 One meta-step without waiting for the device. `step_tensors` is the whole meta-step (zero the
 gradients, meta-loss, backward, finiteness check, Adam step) on tensors alone: no number is read on the
@@ -104,11 +105,13 @@ def one_by_one(*batch):
     return zip(*(tensor.split(1) for tensor in batch))
 
 
-def task_threads(device):
-    """How many threads share the tasks of a batch: on the CPU one per intra-op thread of the caller
-    (torch.get_num_threads(), OMP_NUM_THREADS), each computing its share of the tasks with one intra-op
-    thread of its own; on CUDA one, the caller (one stream of kernels)."""
-    return torch.get_num_threads() if device.type == "cpu" else 1
+def task_threads(device, path):
+    """How many threads share the tasks of a batch that runs `path` on `device`: on the CPU one per intra-op
+    thread of the caller (torch.get_num_threads(), OMP_NUM_THREADS), each computing its share of the tasks
+    with one intra-op thread of its own. One, the caller, on CUDA (a batch is one stream of kernels) and for
+    the compiled path: inductor's CPU kernels hold Python's GIL while they run (pytorch#163061), so compiled
+    kernels in two threads wait for each other (SPEED.md); it runs with the caller's intra-op threads."""
+    return torch.get_num_threads() if device.type == "cpu" and path != "compiled" else 1
 
 
 @functools.cache
@@ -209,6 +212,12 @@ class MetaLearner(nn.Module):
             return self.batching
         return path_by_size(device, images_per_task)
 
+    def finetunning_path(self, device, images_per_task):
+        """`path` for finetunning: the compiled function is the meta-step's, so with it finetunning goes by the
+        size rule."""
+        path = self.path(device, images_per_task)
+        return path_by_size(device, images_per_task) if path == "compiled" else path
+
     def support_loss(self, logits, labels):
         """Inner loss per task: Σ over the support examples of cross-entropy / K. [T, n, N], [T, n] -> [T]."""
         per_example = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
@@ -242,14 +251,15 @@ class MetaLearner(nn.Module):
         accuracies. The loss and the accuracies are means over the tasks of each task's, the same numbers
         however the tasks are grouped, since every task has N*Q query examples.
 
-        With several task threads (task_threads: on the CPU, one per intra-op thread), each thread computes
+        With several task threads (task_threads: on the CPU, one per intra-op thread, but for the compiled
+        path), each thread computes
         its share of the tasks (share_meta_loss) and the gradient of that share's loss with respect to θ, and
         the loss returned carries their weighted sum as its gradient (PrecomputedGradient): backpropagating
         it gives θ's .grad the meta-gradient, (1/T) Σ_shares Tₛ ∇θ Lₛ, as one backward of one graph would.
         The threads meet once per batch, not at every operation, as processes under torchrun do.
         """
         batch = (x_spt, y_spt, x_qry, y_qry)
-        threads = task_threads(x_spt.device)
+        threads = task_threads(x_spt.device, self.path(x_spt.device, x_spt.shape[1] + x_qry.shape[1]))
         if threads == 1:
             return self.share_meta_loss(*batch)
         theta = self.theta()
@@ -462,7 +472,7 @@ class MetaLearner(nn.Module):
         if x_spt.dim() == 4:
             x_spt, y_spt, x_qry, y_qry = x_spt[None], y_spt[None], x_qry[None], y_qry[None]
         batch = (x_spt, y_spt, x_qry, y_qry)
-        threads = task_threads(x_spt.device)
+        threads = task_threads(x_spt.device, self.finetunning_path(x_spt.device, x_spt.shape[1] + x_qry.shape[1]))
         if threads == 1:
             accs = self.share_finetunning(*batch)
         else:
@@ -474,10 +484,7 @@ class MetaLearner(nn.Module):
     def share_finetunning(self, x_spt, y_spt, x_qry, y_qry):
         """finetunning's accuracies of the tasks given, in the calling thread, all at once or one by one as
         `path` says: [T, update_step_test + 1], on the device."""
-        path = self.path(x_spt.device, x_spt.shape[1] + x_qry.shape[1])
-        if path == "compiled":  # the compiled function is the meta-step's: finetunning goes by the rule
-            path = path_by_size(x_spt.device, x_spt.shape[1] + x_qry.shape[1])
-        if path == "batched":
+        if self.finetunning_path(x_spt.device, x_spt.shape[1] + x_qry.shape[1]) == "batched":
             return self.batch_finetunning(x_spt, y_spt, x_qry, y_qry)
         return torch.cat([self.batch_finetunning(*task) for task in one_by_one(x_spt, y_spt, x_qry, y_qry)])
 
