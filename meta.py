@@ -251,12 +251,11 @@ class MetaLearner(nn.Module):
         accuracies. The loss and the accuracies are means over the tasks of each task's, the same numbers
         however the tasks are grouped, since every task has N*Q query examples.
 
-        With several task threads (task_threads: on the CPU, one per intra-op thread, but for the compiled
-        path), each thread computes
-        its share of the tasks (share_meta_loss) and the gradient of that share's loss with respect to θ, and
-        the loss returned carries their weighted sum as its gradient (PrecomputedGradient): backpropagating
-        it gives θ's .grad the meta-gradient, (1/T) Σ_shares Tₛ ∇θ Lₛ, as one backward of one graph would.
-        The threads meet once per batch, not at every operation, as processes under torchrun do.
+        With several task threads (task_threads: on the CPU one per intra-op thread, except for the compiled
+        path), each thread computes its share of the tasks (share_meta_loss) and the gradient of that share's
+        loss with respect to θ, and the loss returned carries their weighted sum as its gradient
+        (PrecomputedGradient): backpropagating it gives θ's .grad the meta-gradient, (1/T) Σ_shares Tₛ ∇θ Lₛ,
+        as one backward of one graph would. The threads meet once per batch, not at every operation.
         """
         batch = (x_spt, y_spt, x_qry, y_qry)
         threads = task_threads(x_spt.device, self.path(x_spt.device, x_spt.shape[1] + x_qry.shape[1]))

@@ -403,7 +403,8 @@ def test_a_resumed_segment_that_runs_differently_is_recorded_and_announced(finis
         assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, out, "--resume")) == 0
     finally:
         torch.set_num_threads(1)
-    assert "note: this segment differs from the previous one (cpu threads 1 -> 2)" in capsys.readouterr().err
+    assert ("note: this segment differs from the previous one (cpu threads 1 -> 2; task threads 1 -> 2)"
+            in capsys.readouterr().err)
     summary = json.loads((out / "summary.json").read_text())
     assert [s["device"]["cpu_threads"] for s in summary["segments"]] == [1, 2]
     assert results_table.describe(summary)[3].endswith(
