@@ -23,9 +23,8 @@ control, with this process's intra-op threads) and the speed-ups over it of the 
 compiled one; test tasks adapted per second by finetunning on the fast path. On the CPU the batched and
 per-task paths share the tasks among the task threads (meta.task_threads: one per intra-op thread, each
 with one intra-op thread), and the compiled path runs with this process's intra-op threads, so
-OMP_NUM_THREADS=1 and =2 measure one core and two. The paths take
-turns, one meta-iteration each, after one warm-up each, so that other work on the machine slows them all
-alike.
+OMP_NUM_THREADS=1 and =2 measure one core and two. The paths take turns, one meta-iteration each, after
+one warm-up each, so that other work on the machine slows them all alike.
 The FLOPs of a meta-iteration (convolutions and matrix products, forward and all backward passes, query
 accuracy after every inner step included, as every MetaLearner path computes it) are counted by
 torch.utils.flop_counter on plain_maml.meta_step with its accuracies, because its formula for a grouped

@@ -530,10 +530,10 @@ def device_description(device):
 
 def computation(cfg, meta_learner, cuda_graph):
     """How this process computes, as its segment records it: the tasks batched or one by one in the
-    meta-step and finetunning, or the meta-step compiled (MetaLearner.path), among how many task threads
-    the meta-step (meta.task_threads), and whether the meta-step is one CUDA graph (on CUDA, unless --no-cuda-graph, and
-    not under torchrun, whose all-reduce runs between the backward pass and the Adam step). The training
-    loop reads cuda_graph from here: it does what is recorded."""
+    meta-step and finetunning, or the meta-step compiled (MetaLearner.path); how many task threads share the
+    meta-step's tasks (meta.task_threads); and whether the meta-step is one CUDA graph (on CUDA, unless
+    --no-cuda-graph, and not under torchrun, whose all-reduce runs between the backward pass and the Adam
+    step). The training loop reads cuda_graph from here: it does what is recorded."""
     device = torch.device(cfg["device"])
     images_per_task = cfg["n_way"] * (cfg["k_spt"] + cfg["k_qry"])
     joined = dist.is_available() and dist.is_initialized()
