@@ -14,10 +14,12 @@ so the numbers measure computation only, not data loading. Protocols:
 Printed, as the median seconds per meta-iteration (the whole meta-step, Adam included) and the achieved
 GFLOP/s: MetaLearner.forward with the tasks batched and with the tasks one by one, the arrow marking the
 path that MetaLearner.path picks for this device and workload (the fast path: what `MetaLearner(...)`
-called on a batch runs, and training with it); on the CPU also the tasks one by one through the compiled
+called on a batch runs, and training with it), all without the step accuracies, as training runs most
+meta-steps (it measures them every --step-accuracies-every-th iteration), and the fast path once more with
+them; on the CPU also the tasks one by one through the compiled
 function (batching "compiled", which only asking for it runs), its compilation time on a line of its
 own, before the timings; on CUDA also the batched path replayed as one CUDA graph (cuda_graph.py), which
-is what maml_omniglot.py trains with there; the minimal loop (plain_maml.meta_step with accuracies=False:
+is what maml_omniglot.py trains with there (a graph measures the step accuracies every time); the minimal loop (plain_maml.meta_step with accuracies=False:
 plain autograd, second order, no per-step accuracies, Adam, the tasks one after another in one thread of
 control, with this process's intra-op threads) and the speed-ups over it of the fast path and of the
 compiled one; test tasks adapted per second by finetunning on the fast path. On the CPU the batched and
@@ -25,10 +27,9 @@ per-task paths share the tasks among the task threads (meta.task_threads: one pe
 with one intra-op thread), and the compiled path runs with this process's intra-op threads, so
 OMP_NUM_THREADS=1 and =2 measure one core and two. The paths take turns, one meta-iteration each, after
 one warm-up each, so that other work on the machine slows them all alike.
-The FLOPs of a meta-iteration (convolutions and matrix products, forward and all backward passes, query
-accuracy after every inner step included, as every MetaLearner path computes it) are counted by
-torch.utils.flop_counter on plain_maml.meta_step with its accuracies, because its formula for a grouped
-convolution's backward counts the work once per group. Peak memory: on CUDA each row's own;
+The FLOPs of a meta-iteration (convolutions and matrix products, forward and all backward passes, without
+the step accuracies) are counted by torch.utils.flop_counter on the minimal loop, because its formula for a
+grouped convolution's backward counts the work once per group. Peak memory: on CUDA each row's own;
 on the CPU the process's largest resident size, the same for every row.
 """
 
@@ -117,10 +118,10 @@ def main(argv=None):
     images_per_task = n_way * (k_spt + k_qry)
     fast_path = meta_learner.path(device, images_per_task)  # what the rule picks here (batching "auto")
 
-    def path_step(batching):
+    def path_step(batching, step_accuracies=False):
         def step():
             meta_learner.batching = batching
-            meta_learner(*batch)
+            meta_learner(*batch, step_accuracies=step_accuracies)
         return step
 
     graphed_step = GraphedMetaStep(meta_learner)
@@ -138,11 +139,12 @@ def main(argv=None):
     print(f"{args.setting}, {args.protocol} protocol: {tasks} tasks, {n_way}-way {k_spt}-shot, "
           f"{k_qry} query per class, {update_step} inner steps, "
           f"{'first' if args.first_order else 'second'} order, {device}{threads}, torch {torch.__version__}")
-    work = flops_of(lambda: reference_step(accuracies=True))
+    work = flops_of(reference_step)
     print(f"a meta-iteration is {work / 1e9:.1f} GFLOP; the fast path on {device.type} for tasks of "
           f"{images_per_task} images: {fast_path} (MetaLearner.path, for finetunning too)")
 
     steps = {f"meta-step, {batching}": path_step(batching) for batching in ("batched", "per task")}
+    steps[f"meta-step, {fast_path}, step accs"] = path_step(fast_path, step_accuracies=True)
     if device.type == "cpu" and not args.first_order:  # the compiled path is second order only
         steps["meta-step, compiled"] = path_step("compiled")
     if device.type == "cuda":
@@ -156,9 +158,10 @@ def main(argv=None):
             print(f"the compiled path's first meta-step, {done}: {warm_up:.1f} s")
     seconds, peaks = median_seconds(steps, device, args.repeats)
     notes = {f"meta-step, {fast_path}": "  <- fast path",
+             f"meta-step, {fast_path}, step accs": "  (its iterations that measure the step accuracies)",
              "meta-step, CUDA graph": "  <- maml_omniglot.py (the batched path, replayed)"}
     for name in steps:
-        print(f"{name:<27} {seconds[name]:8.4f} s/it  {work / seconds[name] / 1e9:7.1f} GFLOP/s  "
+        print(f"{name:<33} {seconds[name]:8.4f} s/it  {work / seconds[name] / 1e9:7.1f} GFLOP/s  "
               f"peak memory {peaks[name]:,.0f} MiB{notes.get(name, '')}")
     fast, compiled = seconds[f"meta-step, {fast_path}"], seconds.get("meta-step, compiled")
     if compiled:

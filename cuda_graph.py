@@ -32,7 +32,9 @@ WARMUP_STEPS = 3  # as in PyTorch's whole-network example
 
 class GraphedMetaStep:
     """Called like MetaLearner.forward, (x_spt, y_spt, x_qry, y_qry) -> (loss, accs), and the same meta-step,
-    replayed from a CUDA graph of step_tensors that the first call captures (batches of one shape only)."""
+    replayed from a CUDA graph of step_tensors that the first call captures (batches of one shape only). The
+    graph is one fixed function: it measures the step accuracies at every replay, whatever `step_accuracies`
+    asks (MetaLearner.forward measures them only when asked)."""
 
     def __init__(self, meta_learner):
         self.meta_learner = meta_learner
@@ -40,7 +42,7 @@ class GraphedMetaStep:
         self.inputs = None  # the static batch: every replay reads these tensors
         self.outputs = None  # (loss, accs, refused) of step_tensors: every replay writes these tensors
 
-    def __call__(self, x_spt, y_spt, x_qry, y_qry):
+    def __call__(self, x_spt, y_spt, x_qry, y_qry, step_accuracies=True):
         batch = (x_spt, y_spt, x_qry, y_qry)
         if self.graph is None:
             self.capture(batch)

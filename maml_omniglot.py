@@ -160,23 +160,32 @@ def train(cfg, meta_learner, sampler, state, paths, stop):
             # Under torchrun, on this process's share of the tasks, with the meta-gradients averaged.
             started = time.monotonic()
             x_spt, y_spt, x_qry, y_qry = distributed.my_tasks(sampler.next("train"))
+            logs = iteration % cfg["eval_every"] == 0 or iteration == cfg["iterations"]  # ends a train row
             try:
-                loss, accs = meta_step(x_spt, y_spt, x_qry, y_qry)
+                loss, accs = meta_step(x_spt, y_spt, x_qry, y_qry,
+                                       step_accuracies=logs or iteration % cfg["step_accuracies_every"] == 0)
             except NonFiniteError as e:
                 raise NonFiniteError(f"{e} at iteration {iteration}") from None
             state.train_s += time.monotonic() - started
 
-            # The train row: the average of the meta-batches since the last one.
-            state.window["accs"] = state.window["accs"] + np.asarray(accs, dtype=np.float64)
+            # The train row: the average of the meta-batches since the last one, the accuracies before the
+            # last inner step over the meta-batches that measured them (NaN in the others: MetaLearner.forward).
+            accs = np.asarray(accs, dtype=np.float64)
+            measured = int(not np.isnan(accs[0]))
+            state.window["accs"] = state.window["accs"] + (accs if measured else np.append(np.zeros(len(accs) - 1),
+                                                                                            accs[-1]))
+            state.window["step_count"] += measured
             state.window["loss"] += loss
             state.window["count"] += 1
             ema = accs[-1] if ema is None else 0.98 * ema + 0.02 * accs[-1]
 
             # Every eval_every iterations: log the train row, validate, rewrite log.csv and curves.png.
-            if iteration % cfg["eval_every"] == 0 or iteration == cfg["iterations"]:
+            if logs:
                 window = state.window
-                train_accs, train_loss = window["accs"] / window["count"], window["loss"] / window["count"]
-                state.log.append(make_row(iteration, "train", train_accs, None, train_loss, state.elapsed()))
+                train_accs = np.append(window["accs"][:-1] / window["step_count"], window["accs"][-1] / window["count"])
+                train_loss = window["loss"] / window["count"]
+                state.log.append(make_row(iteration, "train", train_accs, None, train_loss, state.elapsed(),
+                                          window["step_count"]))
                 state.empty_window()
                 val_acc = validate(iteration)
                 if writer:
@@ -314,6 +323,8 @@ def build_parser():
     p.add_argument("--eval-tasks", type=int, help="validation tasks per validation (320)")
     p.add_argument("--test-tasks", type=int, help="test tasks at the end, or with --evaluate (600)")
     p.add_argument("--checkpoint-every", type=int, help="write checkpoint.pt every N iterations (500)")
+    p.add_argument("--step-accuracies-every", type=int, help="measure the train rows' query accuracies before "
+                   "the last inner step every N iterations and at each row's last (10): each costs a forward pass")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.pt with the same flags (starts afresh if there is none)")
     p.add_argument("--data", help="preprocessed array; built from the zips beside it when missing (data/omniglot.npy)")

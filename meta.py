@@ -40,7 +40,8 @@ Or one task after another through a compiled function, only when asked for (batc
 maml_omniglot.py --compile; on the CPU, second order only): each task's query loss after its inner
 steps is written with torch.func (task_meta_loss), each inner gradient torch.func.grad of the support
 loss, and the whole differentiated by torch.func.grad again and compiled by torch.compile (inductor)
-into one graph, called once per task: (∇θ L_query,i, L_query,i, accuracies) (compiled_meta_loss). The
+into one graph, called once per task: (∇θ L_query,i, L_query,i, the last step's accuracy and the fast
+weights before it, from which the other step accuracies are measured eagerly when asked) (compiled_meta_loss). The
 same function as the eager paths, to float32 rounding (tests/test_maml.py); the first call compiles
 (compile_meta_step), once per process, thread count and shape, minutes on a CPU unless inductor's cache
 already has it. Finetunning stays eager, by the size rule. Without a C++ compiler the eager path of the
@@ -54,6 +55,13 @@ threads inside every operation meet at each of its thousands of small operations
 (finetunning) share their tasks the same way. The numbers are the one-thread numbers, up to the order of
 the sums over the shares (tests/test_maml.py). The compiled path runs in the caller's thread: inductor's
 kernels hold Python's GIL, so two threads of them would take turns.
+
+The step accuracies. A meta-step reports the query accuracy after 0, 1, ..., update_step inner steps.
+The last of them comes with the loss; each of the others costs one more forward pass of the query set
+(without a graph), about a tenth of a 5-step meta-step's arithmetic. So they are measured only when
+asked for (`step_accuracies=True`, the default; training asks at every --step-accuracies-every-th
+iteration, maml_omniglot.py), and are NaN when not: the loss, the meta-gradient and the step are the
+same either way. A CUDA graph (cuda_graph.py) is one fixed function, and measures them at every replay.
 
 One meta-step without waiting for the device. `step_tensors` is the whole meta-step (zero the
 gradients, meta-loss, backward, finiteness check, Adam step) on tensors alone: no number is read on the
@@ -98,6 +106,11 @@ def path_by_size(device, images_per_task):
 def accuracy_per_task(logits, labels):
     """Fraction of correct predictions per task: logits [T, n, N], labels [T, n] -> [T]."""
     return (logits.argmax(dim=-1) == labels).float().mean(dim=1)
+
+
+def not_measured(like):
+    """The step accuracy of a meta-step that does not measure it: NaN, shaped and placed as `like`."""
+    return torch.full_like(like, float("nan"))
 
 
 def one_by_one(*batch):
@@ -242,14 +255,15 @@ class MetaLearner(nn.Module):
             fast_weights = [w - self.update_lr * g for w, g in zip(fast_weights, grads)]
             yield fast_weights
 
-    def meta_loss(self, x_spt, y_spt, x_qry, y_qry):
+    def meta_loss(self, x_spt, y_spt, x_qry, y_qry, step_accuracies=True):
         """Outer loss of a batch of tasks and the query accuracy after 0..update_step inner steps.
 
         x_spt [T, N*K, 1, 28, 28], y_spt [T, N*K], x_qry [T, N*Q, 1, 28, 28], y_qry [T, N*Q].
         Returns (loss, accs), both on the tasks' device: loss is the differentiable mean query
         cross-entropy after `update_step` steps, averaged over tasks; accs a tensor of update_step + 1
         accuracies. The loss and the accuracies are means over the tasks of each task's, the same numbers
-        however the tasks are grouped, since every task has N*Q query examples.
+        however the tasks are grouped, since every task has N*Q query examples. With
+        step_accuracies=False the accuracies before the last step are not measured (NaN).
 
         With several task threads (task_threads: on the CPU one per intra-op thread, except for the compiled
         path), each thread computes its share of the tasks (share_meta_loss) and the gradient of that share's
@@ -260,11 +274,11 @@ class MetaLearner(nn.Module):
         batch = (x_spt, y_spt, x_qry, y_qry)
         threads = task_threads(x_spt.device, self.path(x_spt.device, x_spt.shape[1] + x_qry.shape[1]))
         if threads == 1:
-            return self.share_meta_loss(*batch)
+            return self.share_meta_loss(*batch, step_accuracies)
         theta = self.theta()
 
         def share_gradient(share):
-            loss, accs = self.share_meta_loss(*share)
+            loss, accs = self.share_meta_loss(*share, step_accuracies)
             return torch.autograd.grad(loss, theta, allow_unused=True), loss.detach(), accs
 
         parts = shares(batch, threads)
@@ -276,74 +290,81 @@ class MetaLearner(nn.Module):
         accs = sum(w * accs for w, (_, _, accs) in zip(weights, results))
         return PrecomputedGradient.apply(loss, gradients, *theta), accs
 
-    def share_meta_loss(self, x_spt, y_spt, x_qry, y_qry):
+    def share_meta_loss(self, x_spt, y_spt, x_qry, y_qry, step_accuracies):
         """meta_loss of the tasks given, in the calling thread: all at once, one by one or compiled, as `path`
         says. One by one, the loss and the accuracies are the means over the tasks of each task's."""
         path = self.path(x_spt.device, x_spt.shape[1] + x_qry.shape[1])
         if path == "compiled":
             try:
-                return self.compiled_meta_loss(x_spt, y_spt, x_qry, y_qry)
+                return self.compiled_meta_loss(x_spt, y_spt, x_qry, y_qry, step_accuracies)
             except torch._dynamo.exc.BackendCompilerFailed as error:  # no C++ compiler, for one
                 self.compiler_works = False
                 path = self.path(x_spt.device, x_spt.shape[1] + x_qry.shape[1])
                 print(f"meta.py: torch.compile failed, the meta-step runs {path}, eager: "
                       f"{str(error).splitlines()[0]}", file=sys.stderr)
         if path == "batched":
-            return self.batch_meta_loss(x_spt, y_spt, x_qry, y_qry)
-        losses, accs = zip(*(self.batch_meta_loss(*task) for task in one_by_one(x_spt, y_spt, x_qry, y_qry)))
+            return self.batch_meta_loss(x_spt, y_spt, x_qry, y_qry, step_accuracies)
+        losses, accs = zip(*(self.batch_meta_loss(*task, step_accuracies)
+                             for task in one_by_one(x_spt, y_spt, x_qry, y_qry)))
         return torch.stack(losses).mean(), torch.stack(accs).mean(dim=0)
 
-    def batch_meta_loss(self, x_spt, y_spt, x_qry, y_qry):
+    def batch_meta_loss(self, x_spt, y_spt, x_qry, y_qry, step_accuracies):
         """meta_loss with all the tasks at once (see learner.py).
 
-        Only the last step's query forward is needed for the loss; the accuracies before it are
-        measured without building a graph.
+        Only the last step's query forward is needed for the loss; the accuracies before it, when
+        measured, without building a graph.
         """
         accs = []
         # The fast weights start at the network's weights, θ's part that the tasks adapt.
         steps = self.adapt(x_spt, y_spt, self.update_step, self.net.parameters(), create_graph=not self.first_order)
         for step, fast_weights in enumerate(steps):
             if step < self.update_step:
-                # Only this accuracy is computed without a graph. The next inner step is computed by the
-                # generator when the loop asks for the next item, outside this block, with its graph.
-                with torch.no_grad():
-                    accs.append(accuracy_per_task(self.net(x_qry, fast_weights), y_qry).mean())
+                accs.append(self.step_accuracy(x_qry, y_qry, fast_weights) if step_accuracies else None)
             else:
                 logits = self.net(x_qry, fast_weights)  # [T, N*Q, N]
                 loss = F.cross_entropy(logits.flatten(0, 1), y_qry.flatten())
                 accs.append(accuracy_per_task(logits.detach(), y_qry).mean())
-        return loss, torch.stack(accs)
+        return loss, torch.stack([not_measured(accs[-1]) if acc is None else acc for acc in accs])
+
+    def step_accuracy(self, x_qry, y_qry, fast_weights):
+        """The query accuracy of the tasks with these fast weights, averaged over them: a forward pass
+        without a graph (the next inner step is computed by adapt's generator outside it, with its graph)."""
+        with torch.no_grad():
+            return accuracy_per_task(self.net(x_qry, fast_weights), y_qry).mean()
 
     def task_meta_loss(self, params, x_spt, y_spt, x_qry, y_qry):
-        """batch_meta_loss of one task written with torch.func, for compiled_meta_loss: (loss, (loss, accs)).
+        """batch_meta_loss of one task written with torch.func, for compiled_meta_loss:
+        (loss, (loss, the last step's accuracy, the fast weights after 1..update_step-1 steps)).
 
         x_spt [1, N*K, 1, 28, 28], y_spt [1, N*K], x_qry [1, N*Q, 1, 28, 28], y_qry [1, N*Q]; `params` in
         the network's order, shared by the fast weights' start. Each inner step is torch.func.grad of the
         support loss, θ' ← θ' − α ∇L_support(θ'), and task_meta_gradient differentiates the whole by
         torch.func.grad again: nested transforms keep the second-order terms, and torch.compile turns
         them into one graph (autograd.grad with create_graph inside a compiled function does not: inductor
-        refuses or gets the double backward wrong). The accuracies read only an argmax, so they
-        contribute nothing to the gradient; the loss is returned a second time as the auxiliary output
-        beside them, since the gradient replaces the function's value.
+        refuses or gets the double backward wrong). The accuracy reads only an argmax, so it contributes
+        nothing to the gradient; the loss is returned a second time as the auxiliary output beside it,
+        since the gradient replaces the function's value. The other step accuracies are not part of the
+        compiled function, so that one function serves the meta-steps that measure them and those that do
+        not: compiled_meta_loss measures them from the fast weights returned.
         """
         def support_loss(fast_weights):
             return self.support_loss(self.net(x_spt, fast_weights), y_spt).sum()
 
-        fast_weights = params
-        accs = []
-        for _ in range(self.update_step):
-            accs.append(accuracy_per_task(self.net(x_qry, fast_weights), y_qry)[0])
+        fast_weights, steps = params, []
+        for step in range(self.update_step):
+            if step > 0:
+                steps.append(fast_weights)
             grads = torch.func.grad(support_loss)(fast_weights)
             fast_weights = [w - self.update_lr * g for w, g in zip(fast_weights, grads)]
         logits = self.net(x_qry, fast_weights)  # [1, N*Q, N]
         loss = F.cross_entropy(logits[0], y_qry[0])
-        accs.append(accuracy_per_task(logits, y_qry)[0])
-        return loss, (loss, torch.stack(accs))
+        return loss, (loss, accuracy_per_task(logits, y_qry)[0], steps)
 
-    def compiled_meta_loss(self, x_spt, y_spt, x_qry, y_qry):
-        """meta_loss one task after another, each task's loss, accuracies and meta-gradient ∇θ L_query,i from
-        one call of task_meta_gradient. The meta-gradient (1/T) Σᵢ ∇θ L_query,i is summed here and
-        reaches θ's .grad when the loss is backpropagated (PrecomputedGradient), as the eager paths' does.
+    def compiled_meta_loss(self, x_spt, y_spt, x_qry, y_qry, step_accuracies):
+        """meta_loss one task after another, each task's loss, last accuracy and meta-gradient ∇θ L_query,i
+        from one call of task_meta_gradient; its other step accuracies, when measured, from the fast weights
+        that call returns, eagerly. The meta-gradient (1/T) Σᵢ ∇θ L_query,i is summed here and reaches θ's
+        .grad when the loss is backpropagated (PrecomputedGradient), as the eager paths' does.
         """
         if self.first_order:
             raise ValueError("batching 'compiled' is second-order MAML only")
@@ -351,10 +372,12 @@ class MetaLearner(nn.Module):
         params = [p.detach() for p in theta]
         gradients, losses, accs = None, [], []
         for task in one_by_one(x_spt, y_spt, x_qry, y_qry):
-            task_gradients, (loss, task_accs) = task_meta_gradient()(self, params, *task)
+            task_gradients, (loss, last, steps) = task_meta_gradient()(self, params, *task)
             gradients = task_gradients if gradients is None else [g + t for g, t in zip(gradients, task_gradients)]
             losses.append(loss)
-            accs.append(task_accs)
+            before = ([self.step_accuracy(task[2], task[3], fast_weights) for fast_weights in [params] + steps]
+                      if step_accuracies else [not_measured(last)] * self.update_step)
+            accs.append(torch.stack(before + [last]))
         tasks = x_spt.shape[0]
         loss = PrecomputedGradient.apply(torch.stack(losses).mean(), [g / tasks for g in gradients], *theta)
         return loss, torch.stack(accs).mean(dim=0)
@@ -371,7 +394,7 @@ class MetaLearner(nn.Module):
         self.meta_loss(images[0], labels[0], images[1], labels[1])
         return time.monotonic() - started
 
-    def step_tensors(self, x_spt, y_spt, x_qry, y_qry):
+    def step_tensors(self, x_spt, y_spt, x_qry, y_qry, step_accuracies=True):
         """One meta-step, computed on the device without reading any number: what forward runs, and what
         cuda_graph.py captures as one CUDA graph.
 
@@ -385,7 +408,7 @@ class MetaLearner(nn.Module):
         """
         self.match_adam_to_device()
         self.meta_optim.zero_grad(set_to_none=True)
-        loss, accs = self.meta_loss(x_spt, y_spt, x_qry, y_qry)
+        loss, accs = self.meta_loss(x_spt, y_spt, x_qry, y_qry, step_accuracies)
         loss.backward()
         loss = loss.detach()
         if self.reduce is not None:  # this process's share of a meta-batch: the whole batch's, from them all
@@ -441,16 +464,17 @@ class MetaLearner(nn.Module):
             raise NonFiniteError("the Adam step made the meta-parameters non-finite (the step was undone)")
         return loss.item(), accs.cpu().numpy()
 
-    def forward(self, x_spt, y_spt, x_qry, y_qry):
+    def forward(self, x_spt, y_spt, x_qry, y_qry, step_accuracies=True):
         """One meta-step on a batch of tasks: adapt, meta-loss, backward through the adaptation, Adam step.
 
-        Returns (loss, accs) as meta_loss does, the loss as a float and accs as a numpy array. Raises
+        Returns (loss, accs) as meta_loss does, the loss as a float and accs as a numpy array (NaN before the
+        last step with step_accuracies=False: not measured). Raises
         NonFiniteError if the meta-gradient is not finite or if the step would make θ non-finite (an
         overflow inside Adam); either way θ and Adam's state are left as they were before the step
         (step_tensors), and the caller stops without saving, so the last checkpoint holds finite weights.
         """
         adam_started = bool(self.meta_optim.state)
-        loss, accs, refused = self.step_tensors(x_spt, y_spt, x_qry, y_qry)
+        loss, accs, refused = self.step_tensors(x_spt, y_spt, x_qry, y_qry, step_accuracies)
         if not adam_started and int(refused):
             self.meta_optim.state.clear()  # the state Adam created at a refused first step: it had none before
         return self.read_step(loss, accs, refused)

@@ -10,6 +10,12 @@ A run's folder (--out, runs/<setting>/ by default) holds:
                                  steps are left empty
                    ci95_step0..S the 95% interval half-widths of those (val and test rows)
                    loss          train rows: the meta-loss, the query cross-entropy
+                   step_acc_iterations  train rows: of the iterations the row averages, how many measured
+                                 the accuracies before the last inner step, acc_step0..update_step-1 (every
+                                 --step-accuracies-every-th iteration and the row's last: each costs a
+                                 query forward pass; acc_step<update_step> is measured at every iteration,
+                                 with the loss; a CUDA graph measures them all at every iteration). Empty
+                                 in rows written before it existed, which measured them at every iteration
                    elapsed_s     seconds since the run began, summed over resumed segments
                  train rows average the meta-training tasks since the previous train row (one row every
                  --eval-every iterations and at the last one); val rows are --eval-tasks validation tasks,
@@ -129,7 +135,7 @@ SETTINGS = {
 COMMON = dict(meta_lr=1e-3, iterations=60000)  # and k_qry = k_spt: K query drawings per class
 # The flags that are not the algorithm's: how a run is run, logged and stored.
 RUN_DEFAULTS = dict(seed=0, device="auto", eval_every=500, eval_tasks=320, test_tasks=600, checkpoint_every=500,
-                    data="data/omniglot.npy")
+                    step_accuracies_every=10, data="data/omniglot.npy")
 # --evaluate takes these flags, and reads every other value from the model's config...
 EVALUATE_FLAGS = ("n_way", "k_spt", "k_qry", "update_step_test", "test_tasks", "seed", "split", "data", "device",
                   "out")
@@ -139,14 +145,15 @@ EVALUATE_OWN = ("split", "out")
 SEED_LIMIT = 2 ** 32  # numpy's legacy seeding accepts 0 .. 2**32 - 1
 MAX_EVALUATION_TASKS = 100_000  # the paper tests on 600; 100,000 already take hours on a CPU
 MAX_INNER_STEPS = 100  # the paper takes 1 to 5, the reference code tests with 10
-# The config keys that do not change what is learned: where the files are, how often to checkpoint, and the
-# device (which changes floating-point rounding only). A run may resume with other values of these, and runs
-# that differ in these and the seed alone are seeds of one configuration (results_table.py).
-NOT_LEARNED = ("data", "out", "device", "checkpoint_every")
+# The config keys that do not change what is learned: where the files are, how often to checkpoint and to measure
+# the step accuracies of training, and the device (which changes floating-point rounding only). A run may resume
+# with other values of these, and runs that differ in these and the seed alone are seeds of one configuration
+# (results_table.py).
+NOT_LEARNED = ("data", "out", "device", "checkpoint_every", "step_accuracies_every")
 # Config keys added after runs were first written, each with the value that gives what the code did before
 # the key existed. Every config read from a checkpoint or model.pt gets them (read_checkpoint, read_model),
 # so that a new option never orphans an earlier run: add a key here when you add it to the config.
-ADDED_CONFIG = {}
+ADDED_CONFIG = {"step_accuracies_every": 1}
 
 
 class Parser(argparse.ArgumentParser):
@@ -204,7 +211,7 @@ def config_problem(cfg):
         if not (math.isfinite(cfg[key]) and cfg[key] > 0):
             return f"{flag(key)} must be a positive number, got {cfg[key]}"
     for key in ("update_step", "update_step_test", "iterations", "eval_every", "eval_tasks", "test_tasks",
-                "checkpoint_every"):
+                "checkpoint_every", "step_accuracies_every"):
         if cfg[key] < 1:
             return f"{flag(key)} must be at least 1, got {cfg[key]}"
     for key, limit, why in (("eval_tasks", MAX_EVALUATION_TASKS, "the paper tests on 600"),
@@ -427,12 +434,13 @@ class EvaluationFolder(FolderLock):
 def log_columns(cfg):
     n_steps = max(cfg["update_step"], cfg["update_step_test"]) + 1  # accuracies after 0..S inner steps
     return (["iteration", "split"] + [f"acc_step{s}" for s in range(n_steps)]
-            + [f"ci95_step{s}" for s in range(n_steps)] + ["loss", "elapsed_s"])
+            + [f"ci95_step{s}" for s in range(n_steps)] + ["loss", "step_acc_iterations", "elapsed_s"])
 
 
-def make_row(iteration, split, accs, ci95, loss, elapsed):
+def make_row(iteration, split, accs, ci95, loss, elapsed, step_acc_iterations=None):
     """A log row. Numbers are python floats, written with repr: exact, so logs compare bit for bit."""
     row = {"iteration": iteration, "split": split, "loss": "" if loss is None else float(loss),
+           "step_acc_iterations": "" if step_acc_iterations is None else int(step_acc_iterations),
            "elapsed_s": round(elapsed, 3)}
     row.update({f"acc_step{s}": float(a) for s, a in enumerate(accs)})
     row.update({f"ci95_step{s}": float(c) for s, c in enumerate(ci95 if ci95 is not None else [])})
@@ -466,7 +474,9 @@ def last_row(rows, split):
 class RunState:
     """Where a run stands: everything of it that is not the network, the optimizer or an RNG.
 
-    window holds the running sums of the train row being accumulated. elapsed_s counts the training,
+    window holds the running sums of the train row being accumulated: of the accuracies after each inner step
+    (those before the last summed over the step_count iterations that measured them), of the loss, and the
+    iterations, count. elapsed_s counts the training,
     validation and test seconds of all segments, train_s only the sampling and meta-steps. segments has
     one entry per process that ran part of the run (new_segment), the last one this process's.
     """
@@ -482,9 +492,11 @@ class RunState:
     def __post_init__(self):
         if self.window is None:
             self.empty_window()
+        # A window from a checkpoint written before the step accuracies were sampled measured them every time.
+        self.window.setdefault("step_count", self.window["count"])
 
     def empty_window(self):
-        self.window = {"accs": np.zeros(self.update_step + 1), "loss": 0.0, "count": 0}
+        self.window = {"accs": np.zeros(self.update_step + 1), "loss": 0.0, "count": 0, "step_count": 0}
 
     def start_segment(self, segment):
         """Begin this process's segment: its clock starts now, from the seconds the run already had."""
@@ -533,13 +545,16 @@ def computation(cfg, meta_learner, cuda_graph):
     meta-step and finetunning, or the meta-step compiled (MetaLearner.path); how many task threads share the
     meta-step's tasks (meta.task_threads); and whether the meta-step is one CUDA graph (on CUDA, unless
     --no-cuda-graph, and not under torchrun, whose all-reduce runs between the backward pass and the Adam
-    step). The training loop reads cuda_graph from here: it does what is recorded."""
+    step). The training loop reads cuda_graph from here: it does what is recorded. And every how many
+    iterations the train rows' accuracies before the last inner step are measured (--step-accuracies-every;
+    1 with a CUDA graph, which measures them at every replay)."""
     device = torch.device(cfg["device"])
     images_per_task = cfg["n_way"] * (cfg["k_spt"] + cfg["k_qry"])
     joined = dist.is_available() and dist.is_initialized()
     path = meta_learner.path(device, images_per_task)
-    return {"tasks": path, "task_threads": task_threads(device, path),
-            "cuda_graph": cuda_graph and device.type == "cuda" and not joined}
+    graphed = cuda_graph and device.type == "cuda" and not joined
+    return {"tasks": path, "task_threads": task_threads(device, path), "cuda_graph": graphed,
+            "step_accuracies_every": 1 if graphed else cfg["step_accuracies_every"]}
 
 
 def new_segment(iteration, cfg, command, computation):
@@ -568,7 +583,8 @@ def new_segment(iteration, cfg, command, computation):
 
 
 def describe_changes(previous, current):
-    """What differs between two segments in ways that change floating-point rounding (or the code).
+    """What differs between two segments in ways that change floating-point rounding (or the code), or what
+    the train rows measure (computation's step_accuracies_every).
     Segments written before computation was recorded lack it: that shows as "not recorded"."""
     changes = []
     if previous["git"]["commit"] != current["git"]["commit"]:

@@ -114,13 +114,15 @@ def test_a_batch_of_another_shape_is_refused():
 @pytest.mark.parametrize("extra, tasks", [((), "batched"), (("--k-spt", "5", "--no-cuda-graph"), "per task")])
 def test_a_run_records_how_it_computed(learnable_omniglot_npy, tmp_path, extra, tasks):
     """summary.json's segment says how the tasks ran (5-way 1-shot batched, 5-shot one by one on the CPU),
-    among how many task threads (one per intra-op thread), and that the CPU runs no graph."""
+    among how many task threads (one per intra-op thread), that the CPU runs no graph, and every how many
+    iterations the step accuracies were measured (the default)."""
     out = tmp_path / "out"
     argv = ["--data", str(learnable_omniglot_npy), "--out", str(out), "--device", "cpu", "--task-num", "2",
             "--iterations", "2", "--eval-every", "2", "--eval-tasks", "2", "--test-tasks", "2", *extra]
     assert maml_omniglot.main(argv) == 0
     [segment] = json.loads((out / "summary.json").read_text())["segments"]
-    assert segment["computation"] == {"tasks": tasks, "task_threads": torch.get_num_threads(), "cuda_graph": False}
+    assert segment["computation"] == {"tasks": tasks, "task_threads": torch.get_num_threads(), "cuda_graph": False,
+                                      "step_accuracies_every": 10}
     assert "cudnn" not in segment["device"]
 
 

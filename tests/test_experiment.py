@@ -142,16 +142,18 @@ def test_an_array_of_the_wrong_shape_fails_clearly(tmp_path, capsys):
 def test_a_run_writes_log_summary_and_plot(finished_run, learnable_omniglot_npy):
     rows = log_rows(finished_run, drop=())
     assert list(rows[0]) == (["iteration", "split"] + [f"acc_step{s}" for s in range(4)]
-                             + [f"ci95_step{s}" for s in range(4)] + ["loss", "elapsed_s"])
+                             + [f"ci95_step{s}" for s in range(4)] + ["loss", "step_acc_iterations", "elapsed_s"])
     assert [(r["iteration"], r["split"]) for r in rows] == [
         ("0", "val"), ("3", "train"), ("3", "val"), ("6", "train"), ("6", "val"), ("6", "test")]
     for row in rows:
         assert float(row["elapsed_s"]) >= 0
         if row["split"] == "train":  # update_step = 1: two accuracies, a loss, no interval
             assert row["acc_step1"] and not row["acc_step2"] and not row["ci95_step0"] and float(row["loss"]) > 0
+            assert 0 <= float(row["acc_step0"]) <= 1
+            assert row["step_acc_iterations"] == "1"  # every 10th iteration and the row's last: of 3, the last
         else:  # update_step_test = 3: four accuracies with intervals, no loss
             assert all(0 <= float(row[f"acc_step{s}"]) <= 1 for s in range(4)) and row["ci95_step3"]
-            assert row["loss"] == ""
+            assert row["loss"] == "" and row["step_acc_iterations"] == ""
 
     summary = json.loads((finished_run / "summary.json").read_text())
     test_row = rows[-1]
@@ -176,6 +178,28 @@ def test_a_run_writes_log_summary_and_plot(finished_run, learnable_omniglot_npy)
     assert (finished_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (finished_run / "checkpoint.pt").exists()
     assert not [p for p in os.listdir(finished_run) if p.endswith(".tmp")]
+
+
+def test_sampling_the_step_accuracies_changes_no_step_and_the_train_rows_say_how_many(learnable_omniglot_npy,
+                                                                                       tmp_path):
+    """--step-accuracies-every 1 and 2: the same training bit for bit (losses, last-step accuracies, validation,
+    θ), and each train row counts the iterations that measured acc_step0 (of iterations 1-3 and 4-6: all three,
+    or the 2nd and the row's last)."""
+    runs = {}
+    for every in (1, 2):
+        out = tmp_path / str(every)
+        assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, out, "--step-accuracies-every", str(every))) == 0
+        runs[every] = (log_rows(out), run_files.read_checkpoint(str(out / "checkpoint.pt")))
+    (all_rows, all_checkpoint), (sampled_rows, sampled_checkpoint) = runs[1], runs[2]
+    assert [r["step_acc_iterations"] for r in all_rows if r["split"] == "train"] == ["3", "3"]
+    assert [r["step_acc_iterations"] for r in sampled_rows if r["split"] == "train"] == ["2", "2"]
+    for row, sampled in zip(all_rows, sampled_rows):
+        assert {k: v for k, v in row.items() if k not in ("acc_step0", "step_acc_iterations")} == \
+               {k: v for k, v in sampled.items() if k not in ("acc_step0", "step_acc_iterations")}
+        if row["split"] != "train":
+            assert row["acc_step0"] == sampled["acc_step0"]
+    assert all(torch.equal(all_checkpoint["theta"][k], v) for k, v in sampled_checkpoint["theta"].items())
+    assert sampled_checkpoint["config"]["step_accuracies_every"] == 2
 
 
 def test_compile_trains_through_the_compiled_meta_step_and_records_it(learnable_omniglot_npy, tmp_path, capsys):

@@ -357,6 +357,31 @@ def test_step_tensors_is_the_unguarded_meta_step_bit_for_bit(batching):
         assert all(torch.equal(p.grad, q.grad) for p, q in zip(guarded.theta(), plain.theta()))
 
 
+@pytest.mark.parametrize("batching", ["batched", "per task"])
+def test_a_meta_step_without_step_accuracies_takes_the_same_step_and_skips_their_query_passes(batching):
+    """step_accuracies=False (training's meta-steps but every --step-accuracies-every-th): the same loss, last
+    accuracy, θ, gradients and Adam state bit for bit over three steps, NaN for the accuracies before the last
+    step, and one query forward pass per task or batch instead of update_step + 1 (k_qry = 2 here, so that the
+    query passes are told from the support passes by their size)."""
+    measuring, skipping = learner_and_copies(1, batching=batching)
+    query_passes = {measuring: 0, skipping: 0}
+    for meta_learner in query_passes:
+        def counted(x, params=None, net=meta_learner.net, forward=meta_learner.net.forward, learner=meta_learner):
+            query_passes[learner] += x.shape[-4] == 5 * 2  # N * k_qry images
+            return forward(x, params)
+        meta_learner.net.forward = counted
+    for seed in range(3):
+        tasks = random_tasks(3, 5, 1, 2, torch.Generator().manual_seed(60 + seed))
+        loss, accs = measuring(*tasks)
+        skipped_loss, skipped_accs = skipping(*tasks, step_accuracies=False)
+        assert skipped_loss == loss and skipped_accs[-1] == accs[-1]
+        assert np.isnan(skipped_accs[:-1]).all() and not np.isnan(accs).any()
+        assert all_equal(tensors_of(skipping), tensors_of(measuring))
+        assert all(torch.equal(p.grad, q.grad) for p, q in zip(skipping.theta(), measuring.theta()))
+    units = 3 * (batching == "per task") or min(3, torch.get_num_threads())  # task threads share a batch
+    assert query_passes[skipping] == 3 * units and query_passes[measuring] == 3 * units * 3  # update_step = 2
+
+
 def test_a_refused_step_leaves_theta_and_adam_state_as_they_were():
     """Once Adam has a state: a non-finite meta-gradient (refused 1) and an Adam step that makes θ non-finite (an
     infinite meta learning rate: refused 2) are undone inside step_tensors, without a branch, to the last bit of θ,
@@ -446,6 +471,13 @@ def test_the_compiled_path_computes_the_eager_paths_function(one_thread):
         loss.backward()
         results[meta_learner] = loss.detach().double(), accs.double(), [p.grad.double() for p in meta_learner.theta()]
     assert compiled.compiler_works
+    # Without the step accuracies: the same compiled function, the same loss and meta-gradient, NaN before the end.
+    grads = [p.grad.clone() for p in compiled.theta()]
+    compiled.meta_optim.zero_grad(set_to_none=True)
+    loss, accs = compiled.meta_loss(*tasks, step_accuracies=False)
+    loss.backward()
+    assert torch.equal(loss.detach().double(), results[compiled][0]) and accs[-1].double() == results[compiled][1][-1]
+    assert torch.isnan(accs[:-1]).all() and all(torch.equal(p.grad, g) for p, g in zip(compiled.theta(), grads))
     (loss, accs, grads), (eager_loss, eager_accs, eager_grads), (_, exact_accs, exact_grads) = results.values()
     torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=0)
     assert torch.equal(accs, eager_accs) and torch.equal(accs, exact_accs)
