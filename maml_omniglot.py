@@ -172,8 +172,7 @@ def train(cfg, meta_learner, sampler, state, paths, stop):
             # last inner step over the meta-batches that measured them (NaN in the others: MetaLearner.forward).
             accs = np.asarray(accs, dtype=np.float64)
             measured = int(not np.isnan(accs[0]))
-            state.window["accs"] = state.window["accs"] + (accs if measured else np.append(np.zeros(len(accs) - 1),
-                                                                                            accs[-1]))
+            state.window["accs"] = state.window["accs"] + np.nan_to_num(accs, nan=0.0)
             state.window["step_count"] += measured
             state.window["loss"] += loss
             state.window["count"] += 1
