@@ -46,6 +46,12 @@ task. The tasks are laid side by side along the channel axis, [n, T*C, H, W], so
 The whole meta-batch thus runs as a few large operations instead of thousands of small ones, and the
 numbers are the same as running the tasks one by one (tests/test_maml.py checks this against a plain
 per-task loop).
+
+The first layer, compiled for the CPU. Its convolution has one input channel: each output value is a
+product of a 3 x 3 patch of the image (9 numbers) with a filter. Under torch.compile on the CPU (the
+compiled meta-step, meta.py) it is written so, F.unfold's patches times the filters, which inductor
+compiles into its own kernels, where oneDNN's kernel for one input channel is slow (SPEED.md). The same
+function, to float32 rounding; eager, and on any other device, it stays F.conv2d (`first_layer_as_patches`).
 """
 
 import torch
@@ -55,6 +61,12 @@ import torch.nn.functional as F
 HIDDEN = 64
 BLOCKS = 4
 BN_EPS = 1e-3
+
+
+def first_layer_as_patches(x):
+    """Whether the first layer runs as a product of patches (the module docstring): under torch.compile, on
+    the CPU."""
+    return x.device.type == "cpu" and torch.compiler.is_compiling()
 
 
 class BaseNet(nn.Module):
@@ -102,7 +114,12 @@ class BaseNet(nn.Module):
         h = x.transpose(0, 1).reshape(n, tasks * channels, height, width)  # [n, T*C, 28, 28]
         for block in range(BLOCKS):
             conv_weight, bn_weight, bn_bias = params[3 * block: 3 * block + 3]  # [T, 64, C, 3, 3], [T, 64], [T, 64]
-            h = F.conv2d(h, conv_weight.reshape(-1, *conv_weight.shape[2:]), stride=2, padding=1, groups=tasks)
+            if block == 0 and first_layer_as_patches(h):
+                patches = F.unfold(h, 3, padding=1, stride=2).view(n, tasks, channels * 9, -1)  # [n, T, 9, 196]
+                h = torch.einsum("tok,ntkl->ntol", conv_weight.flatten(2), patches)  # [n, T, 64, 196]
+                h = h.reshape(n, tasks * HIDDEN, (height + 1) // 2, (width + 1) // 2)
+            else:
+                h = F.conv2d(h, conv_weight.reshape(-1, *conv_weight.shape[2:]), stride=2, padding=1, groups=tasks)
             # h: [n, T*64, H/2, W/2], halving 28 -> 14 -> 7 -> 4 -> 2
             # Batch norm over n and H x W for each of the T*64 channels: per task, per channel.
             h = F.batch_norm(h, None, None, bn_weight.reshape(-1), bn_bias.reshape(-1), training=True, eps=BN_EPS)

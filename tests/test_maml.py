@@ -48,6 +48,32 @@ def test_batched_forward_with_per_task_weights_equals_one_task_at_a_time():
         torch.testing.assert_close(batched[task], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_the_first_layer_as_patches_is_the_convolution_to_second_order(in_channels, monkeypatch):
+    """The form the compiled CPU meta-step gives the first layer (learner.first_layer_as_patches), run eager
+    here in float64: the logits, their gradient and a gradient of that gradient (what second-order MAML
+    differentiates) equal the convolution's, for one task and for a batch with per-task weights."""
+    torch.manual_seed(0)
+    net = BaseNet(n_way=5, in_channels=in_channels).double()
+    x = torch.rand(3, 10, in_channels, 28, 28, dtype=torch.float64)
+    per_task = [(p.detach() + 0.1 * torch.randn(3, *p.shape, dtype=torch.float64)).requires_grad_()
+                for p in net.parameters()]
+
+    def outputs(xs, params):
+        logits = net(xs, params)
+        grads = torch.autograd.grad(logits.square().sum(), params, create_graph=True)
+        return [logits, *grads, *torch.autograd.grad(sum(g.square().sum() for g in grads), params)]
+
+    for xs, params in ((x, per_task), (x[0], [p[0] for p in per_task])):
+        convolution = outputs(xs, params)
+        with monkeypatch.context() as patched:
+            patched.setattr(torch.compiler, "is_compiling", lambda: True)
+            patches = outputs(xs, params)
+        assert not torch.equal(patches[0], convolution[0])  # another computation, not the same kernels
+        for a, b in zip(patches, convolution):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
 def test_batch_norm_is_transductive_and_per_task():
     """Each task is normalised with its own statistics: shifting one task's images leaves the
     logits of the other tasks unchanged, and there are no running statistics."""
