@@ -161,12 +161,19 @@ class PrecomputedGradient(torch.autograd.Function):
         return None, None, *(None if g is None else grad_output * g for g in ctx.gradients)
 
 
+# Inductor's options for the compiled meta-step. On the CPU it lays convolutions out channels-last by default
+# (layout_optimization), oneDNN's preferred layout for large ones; for these small ones and their double
+# backward the network's own contiguous layout is faster (SPEED.md).
+COMPILE_OPTIONS = {"layout_optimization": False}
+
+
 @functools.cache
 def task_meta_gradient():
     """MetaLearner.task_meta_loss differentiated with respect to its `params` by torch.func.grad and
     compiled whole (inductor, one graph per shape, built at the first call): (gradients, (loss, accs)).
     The learner is an argument, not a bound self, so that copies of a learner never share its closure."""
-    return torch.compile(torch.func.grad(MetaLearner.task_meta_loss, argnums=1, has_aux=True), dynamic=False)
+    return torch.compile(torch.func.grad(MetaLearner.task_meta_loss, argnums=1, has_aux=True), dynamic=False,
+                         options=COMPILE_OPTIONS)
 
 
 class NonFiniteError(ArithmeticError):
