@@ -22,9 +22,9 @@ own, before the timings; on CUDA also the batched path replayed as one CUDA grap
 is what maml_omniglot.py trains with there (a graph measures the step accuracies every time); the minimal loop (plain_maml.meta_step with accuracies=False:
 plain autograd, second order, no per-step accuracies, Adam, the tasks one after another in one thread of
 control, with this process's intra-op threads) and the speed-ups over it of the fast path and of the
-compiled one; test tasks adapted per second by finetunning on the fast path. On the CPU the batched and
-per-task paths share the tasks among the task threads (meta.task_threads: one per intra-op thread, each
-with one intra-op thread), and the compiled path runs with this process's intra-op threads, so
+compiled one; test tasks adapted per second by finetunning on the fast path. On the CPU every path of
+MetaLearner shares the tasks among the task threads (meta.task_threads: one per intra-op thread, each
+with one intra-op thread), and the minimal loop runs with this process's intra-op threads, so
 OMP_NUM_THREADS=1 and =2 measure one core and two. The paths take turns, one meta-iteration each, after
 one warm-up each, so that other work on the machine slows them all alike.
 The FLOPs of a meta-iteration (convolutions and matrix products, forward and all backward passes, without
@@ -134,7 +134,7 @@ def main(argv=None):
         meta_learner.batching = "auto"
         meta_learner.finetunning(*batch)
 
-    threads = (f", {torch.get_num_threads()} threads (task threads: {task_threads(device, fast_path)})"
+    threads = (f", {torch.get_num_threads()} threads (task threads: {task_threads(device)})"
                if device.type == "cpu" else "")
     print(f"{args.setting}, {args.protocol} protocol: {tasks} tasks, {n_way}-way {k_spt}-shot, "
           f"{k_qry} query per class, {update_step} inner steps, "

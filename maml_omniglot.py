@@ -94,11 +94,6 @@ def start_or_resume(cfg, checkpoint, command, cuda_graph, compiled):
     if compiled:  # --compile: MetaLearner's batching "compiled", its function built now, once per process
         if distributed.writer():
             print("compiling the meta-step (torch.compile: minutes on a CPU, seconds from its cache)", file=sys.stderr)
-            threads = torch.get_num_threads()
-            if threads > 1:
-                print(f"note: compiled, the tasks run one after another here, not in {threads} task threads "
-                      f"(inductor's kernels hold Python's GIL); torchrun --standalone --nproc_per_node={threads} "
-                      f"... --compile runs them in {threads} processes of one thread (SPEED.md)", file=sys.stderr)
         meta_learner.batching = "compiled"
         compile_s = meta_learner.compile_meta_step(cfg["n_way"], cfg["k_spt"], cfg["k_qry"])
     state = RunState(update_step=cfg["update_step"])

@@ -53,8 +53,8 @@ intra-op thread of their own, and compute its loss, accuracies and meta-gradient
 are the batch's. The threads meet once per batch, as processes under torchrun do (distributed.py), where
 threads inside every operation meet at each of its thousands of small operations. Validation and test
 (finetunning) share their tasks the same way. The numbers are the one-thread numbers, up to the order of
-the sums over the shares (tests/test_maml.py). The compiled path runs in the caller's thread: inductor's
-kernels hold Python's GIL, so two threads of them would take turns.
+the sums over the shares (tests/test_maml.py). The compiled path too: its graph is called from C++ with
+Python's GIL released (COMPILE_OPTIONS), so the task threads run its kernels side by side.
 
 The step accuracies. A meta-step reports the query accuracy after 0, 1, ..., update_step inner steps.
 The last of them comes with the loss; each of the others costs one more forward pass of the query set
@@ -118,13 +118,12 @@ def one_by_one(*batch):
     return zip(*(tensor.split(1) for tensor in batch))
 
 
-def task_threads(device, path):
-    """How many threads share the tasks of a batch that runs `path` on `device`: on the CPU one per intra-op
-    thread of the caller (torch.get_num_threads(), OMP_NUM_THREADS), each computing its share of the tasks
-    with one intra-op thread of its own. One, the caller, on CUDA (a batch is one stream of kernels) and for
-    the compiled path: inductor's CPU kernels hold Python's GIL while they run (pytorch#163061), so compiled
-    kernels in two threads wait for each other (SPEED.md); it runs with the caller's intra-op threads."""
-    return torch.get_num_threads() if device.type == "cpu" and path != "compiled" else 1
+def task_threads(device):
+    """How many threads share the tasks of a batch on `device`: on the CPU one per intra-op thread of the caller
+    (torch.get_num_threads(), OMP_NUM_THREADS), each computing its share of the tasks with one intra-op thread
+    of its own, whatever the path (the compiled one too: its graph runs with Python's GIL released,
+    COMPILE_OPTIONS). One, the caller, on CUDA: a batch is one stream of kernels."""
+    return torch.get_num_threads() if device.type == "cpu" else 1
 
 
 @functools.cache
@@ -163,8 +162,10 @@ class PrecomputedGradient(torch.autograd.Function):
 
 # Inductor's options for the compiled meta-step. On the CPU it lays convolutions out channels-last by default
 # (layout_optimization), oneDNN's preferred layout for large ones; for these small ones and their double
-# backward the network's own contiguous layout is faster (SPEED.md).
-COMPILE_OPTIONS = {"layout_optimization": False}
+# backward the network's own contiguous layout is faster (SPEED.md). Its graph is called from Python by
+# default, holding the GIL while the kernels run (pytorch#163061), so that task threads of it would take
+# turns; called from C++ (cpp_wrapper), it releases the GIL and they run side by side (SPEED.md).
+COMPILE_OPTIONS = {"layout_optimization": False, "cpp_wrapper": True}
 
 
 @functools.cache
@@ -272,14 +273,14 @@ class MetaLearner(nn.Module):
         however the tasks are grouped, since every task has N*Q query examples. With
         step_accuracies=False the accuracies before the last step are not measured (NaN).
 
-        With several task threads (task_threads: on the CPU one per intra-op thread, except for the compiled
-        path), each thread computes its share of the tasks (share_meta_loss) and the gradient of that share's
-        loss with respect to θ, and the loss returned carries their weighted sum as its gradient
+        With several task threads (task_threads: on the CPU one per intra-op thread), each thread computes its
+        share of the tasks (share_meta_loss) and the gradient of that share's loss with respect to θ, and the
+        loss returned carries their weighted sum as its gradient
         (PrecomputedGradient): backpropagating it gives θ's .grad the meta-gradient, (1/T) Σ_shares Tₛ ∇θ Lₛ,
         as one backward of one graph would. The threads meet once per batch, not at every operation.
         """
         batch = (x_spt, y_spt, x_qry, y_qry)
-        threads = task_threads(x_spt.device, self.path(x_spt.device, x_spt.shape[1] + x_qry.shape[1]))
+        threads = task_threads(x_spt.device)
         if threads == 1:
             return self.share_meta_loss(*batch, step_accuracies)
         theta = self.theta()
@@ -391,9 +392,10 @@ class MetaLearner(nn.Module):
 
     def compile_meta_step(self, n_way, k_spt, k_qry):
         """With batching "compiled": build the compiled function now, for tasks of N-way K-shot with Q query
-        drawings per class, so that training starts with it built. It runs once on a task of blank images
-        (no random number is drawn; θ, its .grad and Adam are untouched). Returns the seconds it took; if
-        torch.compile failed, `path` now names the eager path that runs instead."""
+        drawings per class, so that training starts with it built. It runs once on a task of blank images,
+        through meta_loss, so in a task thread of one intra-op thread, as training's tasks run (no random
+        number is drawn; θ, its .grad and Adam are untouched). Returns the seconds it took; if torch.compile
+        failed, `path` now names the eager path that runs instead."""
         started = time.monotonic()
         device = self.theta()[0].device
         images = [torch.zeros(1, n_way * k, 1, 28, 28, device=device) for k in (k_spt, k_qry)]
@@ -502,7 +504,7 @@ class MetaLearner(nn.Module):
         if x_spt.dim() == 4:
             x_spt, y_spt, x_qry, y_qry = x_spt[None], y_spt[None], x_qry[None], y_qry[None]
         batch = (x_spt, y_spt, x_qry, y_qry)
-        threads = task_threads(x_spt.device, self.finetunning_path(x_spt.device, x_spt.shape[1] + x_qry.shape[1]))
+        threads = task_threads(x_spt.device)
         if threads == 1:
             accs = self.share_finetunning(*batch)
         else:

@@ -553,7 +553,7 @@ def computation(cfg, meta_learner, cuda_graph):
     joined = dist.is_available() and dist.is_initialized()
     path = meta_learner.path(device, images_per_task)
     graphed = cuda_graph and device.type == "cuda" and not joined
-    return {"tasks": path, "task_threads": task_threads(device, path), "cuda_graph": graphed,
+    return {"tasks": path, "task_threads": task_threads(device), "cuda_graph": graphed,
             "step_accuracies_every": 1 if graphed else cfg["step_accuracies_every"]}
 
 

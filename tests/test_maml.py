@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from learner import BaseNet
+import meta
 from meta import MetaLearner, NonFiniteError, shares, task_threads
 import plain_maml
 from omniglot_nshot import random_tasks
@@ -286,14 +287,12 @@ def test_shares_are_consecutive_and_as_even_as_possible():
     assert [share[0].tolist() for share in shares((tasks[:1],), 2)] == [[0]]  # no empty share
 
 
-def test_task_threads_are_the_intra_op_threads_on_the_cpu_but_for_the_compiled_path():
+def test_task_threads_are_the_intra_op_threads_on_the_cpu():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        cpu = torch.device("cpu")
-        assert task_threads(cpu, "batched") == task_threads(cpu, "per task") == 2
-        assert task_threads(cpu, "compiled") == 1  # inductor's kernels hold the GIL: one thread runs them
-        assert task_threads(torch.device("cuda"), "batched") == 1  # a device name needs no GPU
+        assert task_threads(torch.device("cpu")) == 2
+        assert task_threads(torch.device("cuda")) == 1  # a device name needs no GPU
     finally:
         torch.set_num_threads(threads)
 
@@ -512,6 +511,41 @@ def test_the_compiled_path_computes_the_eager_paths_function(one_thread):
         error, eager_error = (torch.linalg.norm(g - exact_grad) / torch.linalg.norm(exact_grad)
                               for g in (grad, eager_grad))
         assert error <= max(2 * eager_error, 1e-6), (name, error.item(), eager_error.item())
+
+
+def test_two_task_threads_run_the_compiled_path_with_its_one_thread_numbers(one_thread, monkeypatch):
+    """With two intra-op threads the compiled path's tasks (here 3: shares of 2 and 1) run on two worker
+    threads of one intra-op thread each, as the eager paths' do (its graph releases Python's GIL, so they run
+    side by side: SPEED.md), and give the one-thread loss, accuracies and θ.grad, up to float32 rounding of
+    the sums over the shares. The compiled function is test_the_compiled_path_computes_the_eager_paths_function's
+    (the same shapes, the same thread count inside it): no second compilation with a warm cache."""
+    meta_learner = learner_and_copies(0, batching="compiled", update_step=1)[0]
+    compiled_function, calls = meta.task_meta_gradient(), []
+
+    def recording(*args):  # the compiled function, noting the thread that calls it and its intra-op threads
+        calls.append((threading.get_ident(), torch.get_num_threads()))
+        return compiled_function(*args)
+
+    monkeypatch.setattr(meta, "task_meta_gradient", lambda: recording)
+    tasks = random_tasks(3, 5, 1, 1, torch.Generator().manual_seed(54))
+    results, callers = [], []
+    for count in (1, 2):
+        torch.set_num_threads(count)
+        calls.clear()
+        meta_learner.zero_grad(set_to_none=True)
+        loss, accs = meta_learner.meta_loss(*tasks)
+        loss.backward()
+        results.append((loss.detach(), accs, [p.grad for p in meta_learner.theta()]))
+        callers.append(dict(calls))
+        assert len(calls) == 3 and torch.get_num_threads() == count  # the caller keeps its own count
+    assert meta_learner.compiler_works
+    assert callers[0] == {threading.get_ident(): 1}
+    assert len(callers[1]) == 2 and threading.get_ident() not in callers[1] and set(callers[1].values()) == {1}
+    (loss, accs, grads), (threaded_loss, threaded_accs, threaded_grads) = results
+    torch.testing.assert_close(threaded_loss, loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(threaded_accs, accs, rtol=0, atol=1e-6)
+    for name, grad, threaded in zip(meta_learner.net.param_names, grads, threaded_grads):
+        assert torch.linalg.norm(threaded - grad) <= 1e-6 * torch.linalg.norm(grad), name
 
 
 def test_benchmark_loads_neither_the_experiment_nor_matplotlib():
