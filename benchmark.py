@@ -14,12 +14,13 @@ so the numbers measure computation only, not data loading. Protocols:
 Printed, as the median seconds per meta-iteration (the whole meta-step, Adam included) and the achieved
 GFLOP/s: MetaLearner.forward with the tasks batched and with the tasks one by one, the arrow marking the
 path that MetaLearner.path picks for this device and workload (the fast path: what `MetaLearner(...)`
-called on a batch runs, and training with it), all without the step accuracies, as training runs most
-meta-steps (it measures them every --step-accuracies-every-th iteration), and the fast path once more with
-them; on the CPU also the tasks one by one through the compiled
-function (batching "compiled", which only asking for it runs), its compilation time on a line of its
-own, before the timings; on CUDA also the batched path replayed as one CUDA graph (cuda_graph.py), which
-is what maml_omniglot.py trains with there (a graph measures the step accuracies every time); the minimal loop (plain_maml.meta_step with accuracies=False:
+called on a batch runs, and CPU training with --no-compile), all without the step accuracies, as training runs
+most meta-steps (it measures them every --step-accuracies-every-th iteration), and the fast path once more
+with them; on the CPU also the tasks one by one through the compiled function (batching "compiled", which
+maml_omniglot.py trains with there unless --no-compile), its compilation time on a line of its own, before
+the timings; on CUDA also the batched path replayed as one CUDA graph (cuda_graph.py), which is what
+maml_omniglot.py trains with there (a graph measures the step accuracies every time); the minimal loop
+(plain_maml.meta_step with accuracies=False:
 plain autograd, second order, no per-step accuracies, Adam, the tasks one after another in one thread of
 control, with this process's intra-op threads) and the speed-ups over it of the fast path and of the
 compiled one; test tasks adapted per second by finetunning on the fast path. On the CPU every path of
@@ -159,6 +160,7 @@ def main(argv=None):
     seconds, peaks = median_seconds(steps, device, args.repeats)
     notes = {f"meta-step, {fast_path}": "  <- fast path",
              f"meta-step, {fast_path}, step accs": "  (its iterations that measure the step accuracies)",
+             "meta-step, compiled": "  <- maml_omniglot.py (unless --no-compile)",
              "meta-step, CUDA graph": "  <- maml_omniglot.py (the batched path, replayed)"}
     for name in steps:
         print(f"{name:<33} {seconds[name]:8.4f} s/it  {work / seconds[name] / 1e9:7.1f} GFLOP/s  "

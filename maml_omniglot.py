@@ -88,12 +88,14 @@ def sampler_and_meta_learner(cfg):
 
 def start_or_resume(cfg, checkpoint, command, cuda_graph, compiled):
     """The sampler, the meta-learner and the run's state: fresh from the seed, or as the checkpoint left them.
-    With --compile, the compiled meta-step is built here, before the segment records how it computes."""
+    On the CPU the compiled meta-step is built here (compiles(), below), before the segment records how it
+    computes."""
     sampler, meta_learner = sampler_and_meta_learner(cfg)
     compile_s = None
-    if compiled:  # --compile: MetaLearner's batching "compiled", its function built now, once per process
+    if compiled:  # MetaLearner's batching "compiled", its function built now, once per process
         if distributed.writer():
-            print("compiling the meta-step (torch.compile: minutes on a CPU, seconds from its cache)", file=sys.stderr)
+            print("compiling the meta-step (torch.compile: minutes on a CPU the first time, seconds from its cache; "
+                  "--no-compile runs it eagerly)", file=sys.stderr)
         meta_learner.batching = "compiled"
         compile_s = meta_learner.compile_meta_step(cfg["n_way"], cfg["k_spt"], cfg["k_qry"])
     state = RunState(update_step=cfg["update_step"])
@@ -292,6 +294,15 @@ def evaluate_model(args, parser, command):
 # ----------------------------------------------------------------------------------------------------
 
 
+def compiles(cfg, no_compile):
+    """Whether training runs the compiled meta-step (MetaLearner's batching "compiled"): on the CPU, for
+    second-order MAML, unless --no-compile. It is faster than the eager paths there in every paper setting,
+    with one thread and with two (SPEED.md), once built: minutes the first time on a machine, seconds from
+    inductor's cache. On CUDA the meta-step is one CUDA graph instead; the compiled function is second order
+    only."""
+    return not no_compile and torch.device(cfg["device"]).type == "cpu" and not cfg["first_order"]
+
+
 def build_parser():
     p = Parser(prog="maml_omniglot.py", description="Second-order MAML on Omniglot (Finn et al. 2017). "
                "--setting picks the paper's values; every flag below overrides one of them.")
@@ -311,8 +322,8 @@ def build_parser():
     p.add_argument("--device", help="auto (CUDA when available), cpu, cuda or cuda:N (auto)")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="on CUDA, run every meta-step eagerly instead of replaying it as one CUDA graph")
-    p.add_argument("--compile", action="store_true", help="on the CPU, second order: each task's meta-step "
-                   "through one torch.compile'd function (minutes to compile, then faster: SPEED.md)")
+    p.add_argument("--no-compile", action="store_true", help="on the CPU, run the meta-step eagerly instead of "
+                   "through one torch.compile'd function per task (which takes minutes to build the first time)")
     p.add_argument("--eval-every", type=int, help="validate and log training every N iterations (500)")
     p.add_argument("--eval-tasks", type=int, help="validation tasks per validation (320)")
     p.add_argument("--test-tasks", type=int, help="test tasks at the end, or with --evaluate (600)")
@@ -394,11 +405,10 @@ def main(argv=None):
         if args.evaluate:
             return evaluate_model(args, parser, command)
         cfg = resolve_config(args, parser)
-        if args.compile and (cfg["first_order"] or torch.device(cfg["device"]).type != "cpu"):
-            parser.error("--compile is for second-order MAML on the CPU (on CUDA the meta-step is one CUDA graph)")
         checkpoint_path = os.path.join(cfg["out"], FILES["checkpoint"])
         distributed.join(cfg["device"])
-        code = run(cfg, args.resume, command, cuda_graph=not args.no_cuda_graph, compiled=args.compile)
+        code = run(cfg, args.resume, command, cuda_graph=not args.no_cuda_graph,
+                   compiled=compiles(cfg, args.no_compile))
         distributed.leave()
         return code
     except Refused as e:  # a folder or file named on the command line that cannot be used as asked

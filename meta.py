@@ -36,8 +36,8 @@ the one rule that picks the path, for the meta-step and finetunning alike; the p
 same code on batches of one task, so both compute the same function, up to float32 rounding
 (tests/test_maml.py compares both with plain_maml.py and with each other).
 
-Or one task after another through a compiled function, only when asked for (batching "compiled",
-maml_omniglot.py --compile; on the CPU, second order only): each task's query loss after its inner
+Or one task after another through a compiled function, when asked for (batching "compiled", on the CPU,
+second order only; maml_omniglot.py trains so unless --no-compile): each task's query loss after its inner
 steps is written with torch.func (task_meta_loss), each inner gradient torch.func.grad of the support
 loss, and the whole differentiated by torch.func.grad again and compiled by torch.compile (inductor)
 into one graph, called once per task: (∇θ L_query,i, L_query,i, the last step's accuracy and the fast

@@ -565,9 +565,9 @@ def new_segment(iteration, cfg, command, computation):
     hidden. Under torchrun, device is rank 0's, and processes and backend say how many shared the work and how
     they talked (distributed.py); without it they are 1 and null. computation says how the process computes
     (computation() above: the tasks batched, one by one or compiled, the meta-step as a CUDA graph or not);
-    a segment that compiled its meta-step (--compile) adds compile_s, the seconds that took. On CUDA the
-    device also records the cuDNN version and whether convolutions (cuDNN) and matrix products may round
-    their inputs to TF32, which changes the numbers.
+    a segment that compiled its meta-step (on the CPU, unless --no-compile) adds compile_s, the seconds that
+    took. On CUDA the device also records the cuDNN version and whether convolutions (cuDNN) and matrix
+    products may round their inputs to TF32, which changes the numbers.
     """
     joined = dist.is_available() and dist.is_initialized()
     device = {"type": torch.device(cfg["device"]).type, "name": device_description(cfg["device"]),

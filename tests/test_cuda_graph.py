@@ -111,11 +111,12 @@ def test_a_batch_of_another_shape_is_refused():
         step(*cuda_tasks(5, 31, tasks=3))
 
 
-@pytest.mark.parametrize("extra, tasks", [((), "batched"), (("--k-spt", "5", "--no-cuda-graph"), "per task")])
+@pytest.mark.parametrize("extra, tasks", [((), "compiled"), (("--no-compile",), "batched"),
+                                          (("--k-spt", "5", "--no-compile", "--no-cuda-graph"), "per task")])
 def test_a_run_records_how_it_computed(learnable_omniglot_npy, tmp_path, extra, tasks):
-    """summary.json's segment says how the tasks ran (5-way 1-shot batched, 5-shot one by one on the CPU),
-    among how many task threads (one per intra-op thread), that the CPU runs no graph, and every how many
-    iterations the step accuracies were measured (the default)."""
+    """summary.json's segment says how the tasks ran (compiled on the CPU by default; with --no-compile 5-way
+    1-shot batched, 5-shot one by one), among how many task threads (one per intra-op thread), that the CPU
+    runs no graph, and every how many iterations the step accuracies were measured (the default)."""
     out = tmp_path / "out"
     argv = ["--data", str(learnable_omniglot_npy), "--out", str(out), "--device", "cpu", "--task-num", "2",
             "--iterations", "2", "--eval-every", "2", "--eval-tasks", "2", "--test-tasks", "2", *extra]

@@ -49,7 +49,7 @@ def torchrun_environment(rank, port):
 def tiny_args(data, out, *extra):
     return ["--data", str(data), "--out", str(out), "--device", "cpu", "--task-num", "2", "--iterations",
             str(ITERATIONS), "--eval-every", "2", "--eval-tasks", "4", "--test-tasks", "4", "--checkpoint-every",
-            str(CHECKPOINT_EVERY), *extra]
+            str(CHECKPOINT_EVERY), "--no-compile", *extra]  # eager: see test_experiment.tiny_args
 
 
 # ----------------------------------------------------------------------------------------------------

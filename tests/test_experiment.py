@@ -30,9 +30,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_args(data, out, *extra):
+def tiny_args(data, out, *extra, compiled=False):
+    """A tiny run on the CPU, eager (--no-compile) unless `compiled`: the compiled meta-step is built once per
+    process and shape, which the many tiny runs here would wait for (its tests ask for it)."""
     return ["--data", str(data), "--out", str(out), "--device", "cpu", "--task-num", "2", "--iterations", "6",
-            "--eval-every", "3", "--eval-tasks", "4", "--test-tasks", "4", "--checkpoint-every", "2", *extra]
+            "--eval-every", "3", "--eval-tasks", "4", "--test-tasks", "4", "--checkpoint-every", "2",
+            *([] if compiled else ["--no-compile"]), *extra]
 
 
 def exit_code_and_stderr(argv, capsys):
@@ -88,7 +91,6 @@ BAD_ARGUMENTS = [
     (["--test-tasks", "-1"], "--test-tasks must be at least 1, got -1"),
     (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1, got 0"),
     (["--n-way", "five"], "argument --n-way: invalid int value: 'five'"),
-    (["--compile", "--first-order"], "--compile is for second-order MAML on the CPU"),
 ]
 
 
@@ -202,20 +204,25 @@ def test_sampling_the_step_accuracies_changes_no_step_and_the_train_rows_say_how
     assert sampled_checkpoint["config"]["step_accuracies_every"] == 2
 
 
-def test_compile_trains_through_the_compiled_meta_step_and_records_it(learnable_omniglot_npy, tmp_path, capsys):
-    """--compile: the segment says "compiled" and how long compiling took, and the first meta-step (from the
-    same θ, on the same tasks) has the eager run's loss and accuracies to float32 rounding. Later rows drift
-    apart by more: Adam's first steps are about sign(gradient) * lr, so a rounding difference in a
-    near-zero component becomes a step of lr (as between the eager batched and per-task paths)."""
-    first_rows = []
-    for name, extra in (("eager", ()), ("compiled", ("--compile",))):
+def test_the_cpu_trains_through_the_compiled_meta_step_unless_told_not_to(learnable_omniglot_npy, tmp_path, capsys):
+    """On the CPU a second-order run compiles its meta-step (the segment says "compiled" and how long compiling
+    took), --no-compile and --first-order run it eagerly, and the first meta-step (from the same θ, on the
+    same tasks) has the eager run's loss and accuracies to float32 rounding. Later rows drift apart by more:
+    Adam's first steps are about sign(gradient) * lr, so a rounding difference in a near-zero component
+    becomes a step of lr (as between the eager batched and per-task paths)."""
+    first_rows, segments, said = [], [], []
+    runs = (("eager", False, ()), ("compiled", True, ()), ("first order", True, ("--first-order",)))
+    for name, compiled, extra in runs:
         out = tmp_path / name
-        assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, out, "--iterations", "1", *extra)) == 0
-        [segment] = json.loads((out / "summary.json").read_text())["segments"]
+        assert maml_omniglot.main(tiny_args(learnable_omniglot_npy, out, "--iterations", "1", *extra,
+                                            compiled=compiled)) == 0
+        segments.append(json.loads((out / "summary.json").read_text())["segments"][0])
         first_rows.append([r for r in log_rows(out) if r["split"] == "train"][0])
-    assert "compiling the meta-step (torch.compile" in capsys.readouterr().err
-    assert segment["computation"]["tasks"] == "compiled" and segment["compile_s"] > 0
-    eager, compiled = first_rows
+        said.append("compiling the meta-step (torch.compile" in capsys.readouterr().err)
+    assert said == [False, True, False]
+    assert [segment["computation"]["tasks"] for segment in segments] == ["batched", "compiled", "batched"]
+    assert [("compile_s" in segment) for segment in segments] == [False, True, False]  # 0.0 if built already
+    eager, compiled, _ = first_rows
     assert eager["iteration"] == compiled["iteration"] == "1"
     assert float(compiled["loss"]) == pytest.approx(float(eager["loss"]), rel=1e-5)
     assert compiled["acc_step0"] == eager["acc_step0"]

@@ -4,7 +4,9 @@ which is wall-clock time and cannot repeat).
 
 Kill points: before any checkpoint exists (start-up), at iterations spread over the run (read from the
 progress bar the process prints), and after the last iteration (during the test). Each test prints the
-iteration its checkpoint held when the process died (pytest -s shows it).
+iteration its checkpoint held when the process died (pytest -s shows it). The runs train as
+`python maml_omniglot.py` does by default on the CPU, through the compiled meta-step (each process builds it
+first, seconds from inductor's cache), so that it is the default path whose resume is exact.
 """
 import json
 import os
