@@ -14,20 +14,20 @@ so the numbers measure computation only, not data loading. Protocols:
 Printed, as the median seconds per meta-iteration (the whole meta-step, Adam included) and the achieved
 GFLOP/s: MetaLearner.forward with the tasks batched and with the tasks one by one, the arrow marking the
 path that MetaLearner.path picks for this device and workload (the fast path: what `MetaLearner(...)`
-called on a batch runs, and CPU training with --no-compile), all without the step accuracies, as training runs
-most meta-steps (it measures them every --step-accuracies-every-th iteration), and the fast path once more
-with them; on the CPU also the tasks one by one through the compiled function (batching "compiled", which
-maml_omniglot.py trains with there unless --no-compile), its compilation time on a line of its own, before
-the timings; on CUDA also the batched path replayed as one CUDA graph (cuda_graph.py), which is what
-maml_omniglot.py trains with there (a graph measures the step accuracies every time); the minimal loop
-(plain_maml.meta_step with accuracies=False:
-plain autograd, second order, no per-step accuracies, Adam, the tasks one after another in one thread of
-control, with this process's intra-op threads) and the speed-ups over it of the fast path and of the
-compiled one; test tasks adapted per second by finetunning on the fast path. On the CPU every path of
-MetaLearner shares the tasks among the task threads (meta.task_threads: one per intra-op thread, each
-with one intra-op thread), and the minimal loop runs with this process's intra-op threads, so
-OMP_NUM_THREADS=1 and =2 measure one core and two. The paths take turns, one meta-iteration each, after
-one warm-up each, so that other work on the machine slows them all alike.
+called on a batch runs, and CPU training with --no-compile), all without the step accuracies, as training
+runs most meta-steps (it measures them every --step-accuracies-every-th iteration), and the fast path
+once more with them; on the CPU also the tasks one by one through the compiled function (batching
+"compiled", which maml_omniglot.py trains with there unless --no-compile), its compilation time on a line
+of its own, before the timings; on CUDA also the batched path replayed as one CUDA graph (cuda_graph.py),
+which is what maml_omniglot.py trains with there (a graph measures the step accuracies every time); the
+minimal loop (plain_maml.meta_step with accuracies=False: plain autograd, second order, no per-step
+accuracies, Adam, the tasks one after another in one thread of control, with this process's intra-op
+threads) and the speed-ups over it of the fast path and of the compiled one; test tasks adapted per
+second by finetunning on the fast path. On the CPU every path of MetaLearner shares the tasks among the
+task threads (meta.task_threads: one per intra-op thread, each with one intra-op thread), and the minimal
+loop runs with this process's intra-op threads, so OMP_NUM_THREADS=1 and =2 measure one core and two. The
+paths take turns, one meta-iteration each, after one warm-up each, so that other work on the machine
+slows them all alike.
 The FLOPs of a meta-iteration (convolutions and matrix products, forward and all backward passes, without
 the step accuracies) are counted by torch.utils.flop_counter on the minimal loop, because its formula for a
 grouped convolution's backward counts the work once per group. Peak memory: on CUDA each row's own;
