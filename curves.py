@@ -176,9 +176,7 @@ def curves_figure(log, title):
 
     fig.suptitle(f"MAML on Omniglot: {title}\n"
                  "top: query accuracy (%), linear  ·  bottom: query error = 100 − accuracy (%), log scale")
-    handles, labels = acc_ax.get_legend_handles_labels()
-    if labels:  # none in a log that holds only a test row
-        fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize="small")
+    legend_below(fig, acc_ax)  # no legend for a log that holds only a test row: it has no curves
     return fig
 
 
@@ -197,9 +195,21 @@ def comparison_png(logs, step, title):
     iteration_axes(acc_ax, err_ax, floor)
     acc_ax.set_title(f"validation after {step} inner step{'s' * (step != 1)} (band: 95% interval)")
     fig.suptitle(title, fontsize="medium", wrap=True)
-    handles, labels = acc_ax.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize="small")
+    legend_below(fig, acc_ax)
     return png(fig)
+
+
+def legend_below(fig, ax):
+    """The legend of ax's curves below the panels, in one row if it fits the figure's width, else in the fewest
+    rows, as even as they can be, that fit (a run validating after 5 steps has 7 curves, too many for one row of an
+    unfinished run's narrow figure). Nothing where ax has no labelled curves."""
+    handles, labels = ax.get_legend_handles_labels()
+    for rows in range(1, len(labels) + 1):
+        legend = fig.legend(handles, labels, loc="outside lower center", ncol=math.ceil(len(labels) / rows),
+                            fontsize="small")
+        if legend.get_window_extent().width <= fig.bbox.width or rows == len(labels):
+            return
+        legend.remove()
 
 
 def draw_validation(acc_ax, err_ax, series, floor, label, **style):

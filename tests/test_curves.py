@@ -21,11 +21,11 @@ TEST_RED = (214, 39, 40)  # matplotlib's "C3", the colour of the test points and
 STEPS = 4  # acc_step0..acc_step3, as in the paper's 5-way settings (update_step_test = 3)
 
 
-def row(iteration, split, accs, ci=(), loss=""):
-    """One log row: accs (fractions) for the first len(accs) steps, ci likewise, the other cells empty."""
+def row(iteration, split, accs, ci=(), loss="", steps=STEPS):
+    """One log row: accs (fractions) for the first len(accs) of its steps, ci likewise, the other cells empty."""
     cells = {"iteration": str(iteration), "split": split}
-    cells.update({f"acc_step{s}": str(accs[s]) if s < len(accs) else "" for s in range(STEPS)})
-    cells.update({f"ci95_step{s}": str(ci[s]) if s < len(ci) else "" for s in range(STEPS)})
+    cells.update({f"acc_step{s}": str(accs[s]) if s < len(accs) else "" for s in range(steps)})
+    cells.update({f"ci95_step{s}": str(ci[s]) if s < len(ci) else "" for s in range(steps)})
     cells.update({"loss": str(loss), "elapsed_s": str(1.5 * iteration)})
     return cells
 
@@ -113,6 +113,29 @@ def test_a_short_run_has_whole_meta_iterations_on_its_axis():
         low, high = ax.get_xlim()
         ticks = [tick for tick in ax.get_xticks() if low <= tick <= high]
         assert len(ticks) >= 2 and all(tick == int(tick) for tick in ticks), ticks
+
+
+def five_step_log(finished):
+    """A 20-way run's log: validation after 0 to 5 inner steps (update_step_test = 5), training after 5, so its
+    figure has 7 labelled curves; with its test row if finished."""
+    accs, ci = [0.05, 0.35, 0.78, 0.89, 0.93, 0.94], [0.004, 0.007, 0.007, 0.007, 0.006, 0.006]
+    rows = [row(0, "val", [0.05, 0.12, 0.24, 0.29, 0.30, 0.31], ci, steps=6)]
+    for iteration in (500, 1000):
+        rows.append(row(iteration, "train", [0.05] * 5 + [0.95], loss=0.2, steps=6))
+        rows.append(row(iteration, "val", accs, ci, steps=6))
+    return rows + ([row(1000, "test", accs, ci, steps=6)] if finished else [])
+
+
+@pytest.mark.parametrize("finished", (False, True), ids=("unfinished: narrow", "finished: wide"))
+def test_the_whole_legend_is_in_the_figure(finished):
+    """Seven curves in one row of legend are wider than an unfinished run's 7.5-inch figure: the legend then
+    takes two rows rather than run off both edges of the image."""
+    fig = curves.curves_figure(curves.parse_log(five_step_log(finished)), "20w1s")
+    (legend,) = fig.legends
+    assert [text.get_text() for text in legend.get_texts()] == [f"val, {s} step{'s' * (s != 1)}" for s in range(6)] + [
+        "train, 5 steps"]
+    box = legend.get_window_extent()
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width, (box, fig.bbox)
 
 
 def test_a_comparison_overlays_two_runs_validation():
