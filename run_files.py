@@ -528,16 +528,24 @@ def git_info():
 
 
 def device_description(device):
+    """The GPU's name; for the CPU, its model name with its family and model numbers and the vector
+    instructions that PyTorch's CPU kernels use (torch.backends.cpu.get_cpu_capability()), e.g. "AMD EPYC
+    (family 25, model 1, AVX2)". A virtual machine's model name alone can hide which processor it is: one
+    "AMD EPYC" here has AVX-512 and another only AVX2, and the kernels, so the rounding and the speed,
+    differ between them."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    numbers = [f"family {fields['cpu family']}, model {fields['model']}"] if "cpu family" in fields else []
+    return f"{name} ({', '.join(numbers + [torch.backends.cpu.get_cpu_capability()])})"
 
 
 def computation(cfg, meta_learner, cuda_graph):
